@@ -1,0 +1,74 @@
+"""kl-patches: exact sequence-level KL gradients for TRL, verl and OpenRLHF.
+
+Importing this package is cheap: it imports neither torch nor any RL library until a function that needs
+them is used (the ``.pth`` autoloader imports it in every Python process where ``KL_PATCHES_MODE`` is set).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kl_patches.modes import ENV_VAR, MODES, KLModeError, validate_mode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENV_VAR",
+    "MODES",
+    "KLModeError",
+    "validate_mode",
+    "enable",
+    "disable",
+    "is_enabled",
+    "k1",
+    "k2",
+    "k3",
+    "masked_log_ratio",
+    "sequence_kl",
+    "leave_one_out_baseline",
+    "kl_advantage",
+    "kl_rtg_loss",
+]
+
+_LAZY = {
+    "k1": "kl_patches.estimators",
+    "k2": "kl_patches.estimators",
+    "k3": "kl_patches.estimators",
+    "masked_log_ratio": "kl_patches.estimators",
+    "sequence_kl": "kl_patches.terms",
+    "leave_one_out_baseline": "kl_patches.terms",
+    "kl_advantage": "kl_patches.terms",
+    "kl_rtg_loss": "kl_patches.terms",
+}
+
+LIBRARIES = ("trl", "verl", "openrlhf")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kl_patches' has no attribute {name!r}")
+
+
+def _adapter(library: str):
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown library {library!r}; kl-patches has adapters for {', '.join(LIBRARIES)}")
+    return importlib.import_module(f"kl_patches.integrations.{library}")
+
+
+def enable(library: str, mode: str = "k1-in-reward") -> bool:
+    """Patch ``library`` in place so its trainers use ``mode``. Returns False when it was already enabled
+    with that mode (idempotent). Raises ``kl_patches.patching.PatchError`` naming the library version when the
+    patch cannot be applied; never falls back to the library's own KL silently."""
+    return _adapter(library).enable(validate_mode(mode))
+
+
+def disable(library: str) -> bool:
+    """Restore the library's original objects (by identity). Returns False when nothing was patched."""
+    return _adapter(library).disable()
+
+
+def is_enabled(library: str) -> str | None:
+    """The mode ``library`` is patched with, or None."""
+    return _adapter(library).enabled_mode()

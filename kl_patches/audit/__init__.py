@@ -1,0 +1,40 @@
+"""The exact gradient audit: enumerate every response of a tiny policy and compare E[grad loss] to grad KL_seq."""
+
+from kl_patches.audit.engine import (
+    EXACT_TOLERANCE,
+    AuditBatch,
+    AuditProblem,
+    GradientComparison,
+    build_problem,
+    compare,
+    exact_kl_gradient,
+    expected_gradient,
+    per_group,
+)
+from kl_patches.audit.policies import (
+    EnumerablePolicy,
+    PolicySpec,
+    TabularPolicy,
+    TinyTransformerPolicy,
+    enumerate_responses,
+)
+from kl_patches.audit.records import AuditRecord, audit_record
+
+__all__ = [
+    "EXACT_TOLERANCE",
+    "AuditBatch",
+    "AuditProblem",
+    "AuditRecord",
+    "EnumerablePolicy",
+    "GradientComparison",
+    "PolicySpec",
+    "TabularPolicy",
+    "TinyTransformerPolicy",
+    "audit_record",
+    "build_problem",
+    "compare",
+    "enumerate_responses",
+    "exact_kl_gradient",
+    "expected_gradient",
+    "per_group",
+]

@@ -1,0 +1,221 @@
+"""The core's reference configurations: the whole taxonomy of ``kl-gradients.md`` written in plain torch,
+plus the two kl-patches modes, each as a loss estimator on an :class:`AuditBatch`.
+
+These are kl-patches' own statements of each configuration (the adapters audit the libraries' real code
+paths); they pin the facts of the shared doc so the engine, the modes and the adapters share one ground truth.
+Every loss returns one value per group: the loss that group would produce as a training batch on its own,
+with a per-sequence (batch-constant) normaliser unless the configuration says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kl_patches import estimators, terms
+from kl_patches.audit.engine import AuditBatch, AuditProblem, build_problem, exact_kl_gradient
+from kl_patches.audit.policies import PolicySpec
+from kl_patches.audit.records import AuditRecord, audit_record
+from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
+
+Tensor = torch.Tensor
+
+TRUNCATION = 1.0  # the truncation level audited for the truncated k1-rtg-loss cell
+
+
+def group_mean(per_row: Tensor, batch: AuditBatch) -> Tensor:
+    """Mean over each group's responses: the batch-constant (per-sequence) normaliser."""
+    return per_row.reshape(batch.num_groups, batch.group_size).mean(dim=-1)
+
+
+def token_ratio(batch: AuditBatch) -> Tensor:
+    """pi/mu per token, differentiable (PPO's ratio; 1 with gradient g_t on-policy)."""
+    return estimators.masked(torch.exp(batch.logp - batch.behaviour_logp), batch.mask)
+
+
+def policy_gradient(batch: AuditBatch, advantage: Tensor, per_sequence_mean: bool = False) -> Tensor:
+    """-sum_t ratio_t * A (PPO surrogate without clipping; the clip is inactive at the sampling policy)."""
+    if advantage.dim() == 1:
+        advantage = advantage[:, None]
+    per_token = -token_ratio(batch) * advantage.detach()
+    per_row = estimators.masked(per_token, batch.mask).sum(-1)
+    if per_sequence_mean:  # seq-mean-token-mean: weight 1/|y_i|
+        per_row = per_row / batch.mask.sum(-1).clamp(min=1)
+    return group_mean(per_row, batch)
+
+
+def estimate(name: str, batch: AuditBatch) -> Tensor:
+    return estimators.ESTIMATORS[name](batch.logp, batch.ref_logp, batch.mask)
+
+
+def in_loss(name: str, per_sequence_mean: bool = False) -> Callable[[AuditBatch], Tensor]:
+    def loss(batch: AuditBatch) -> Tensor:
+        per_row = estimate(name, batch).sum(-1)
+        if per_sequence_mean:
+            per_row = per_row / batch.mask.sum(-1).clamp(min=1)
+        return group_mean(per_row, batch)
+
+    return loss
+
+
+def in_reward(name: str, reward_to_go: bool = False, per_sequence_mean: bool = False):
+    def loss(batch: AuditBatch) -> Tensor:
+        # in-reward estimates use the sampling log-probs, as the libraries do (old / rollout log-probs)
+        values = estimators.ESTIMATORS[name](batch.behaviour_logp, batch.ref_logp, batch.mask)
+        advantage = -(terms.reverse_cumsum(values) if reward_to_go else values.sum(-1))
+        return policy_gradient(batch, advantage, per_sequence_mean)
+
+    return loss
+
+
+def straight_through_k2(batch: AuditBatch) -> Tensor:
+    """verl ``k3+``: k3's value with k2's gradient."""
+    value, grad = estimate("k3", batch), estimate("k2", batch)
+    return group_mean((value.detach() + grad - grad.detach()).sum(-1), batch)
+
+
+def token_ratio_k3(batch: AuditBatch) -> Tensor:
+    """TRL ``use_bias_correction_kl``: k3 times the differentiable token ratio."""
+    return group_mean((estimate("k3", batch) * token_ratio(batch)).sum(-1), batch)
+
+
+def detached_ratio_k2(batch: AuditBatch) -> Tensor:
+    """OpenRLHF ``unbiased_gradient``: k2 gradient times the detached token ratio clamped at 10."""
+    value, grad = estimate("k3", batch), estimate("k2", batch)
+    straight = value.detach() + grad - grad.detach()
+    return group_mean((straight * token_ratio(batch).detach().clamp(max=10.0)).sum(-1), batch)
+
+
+def k3_reward_and_loss(batch: AuditBatch) -> Tensor:
+    return in_reward("k3")(batch) + in_loss("k3")(batch)
+
+
+def mode_k1_in_reward(batch: AuditBatch) -> Tensor:
+    advantage = terms.kl_advantage(batch.behaviour_logp, batch.ref_logp, batch.mask, beta=1.0,
+                                   group_ids=batch.group_ids)
+    return policy_gradient(batch, advantage)
+
+
+def mode_k1_rtg_loss(truncation: float | None = None, per_sequence_mean: bool = False):
+    def loss(batch: AuditBatch) -> Tensor:
+        per_row = terms.kl_rtg_loss(
+            batch.logp, batch.ref_logp, batch.mask, beta=1.0, group_ids=batch.group_ids,
+            behaviour_logp=None if batch.on_policy else batch.behaviour_logp,
+            truncation=None if batch.on_policy else truncation, reduction="none",
+        )
+        if per_sequence_mean:
+            per_row = per_row / batch.mask.sum(-1).clamp(min=1)
+        return group_mean(per_row, batch)
+
+    return loss
+
+
+def token_only_ratio_rtg(batch: AuditBatch) -> Tensor:
+    """Reward-to-go with per-token ratios only (no prefix product): corrects each action, not the prefix."""
+    log_ratio = estimators.masked_log_ratio(batch.logp.detach(), batch.ref_logp, batch.mask)
+    rho = token_ratio(batch).detach()
+    coefficient = terms.reverse_cumsum(rho * log_ratio)
+    per_row = (estimators.masked(batch.logp, batch.mask) * coefficient).sum(-1)
+    return group_mean(per_row, batch)
+
+
+@dataclass(frozen=True)
+class ReferenceCell:
+    configuration: str
+    estimator: str
+    placement: str
+    loss: Callable[[AuditBatch], Tensor]
+    reason_on: str
+    reason_off: str
+    mode: str = LIBRARY
+    group_size: int = 1
+    fix: str | None = f"kl-patches mode {K1_RTG_LOSS} (or {K1_IN_REWARD} on-policy)"
+
+
+OFF_NO_WEIGHTS = "off-policy the samples come from mu and nothing reweights them, so it is not even that gradient"
+
+CELLS: tuple[ReferenceCell, ...] = (
+    ReferenceCell("k1 in loss", "k1", "loss", in_loss("k1"),
+                  "E[sum_t g_t] = 0: no KL force at all, only noise.",
+                  "E_mu[sum_t g_t]: no KL force; off-policy a spurious pull toward mu."),
+    ReferenceCell("k2 in loss", "k2", "loss", in_loss("k2"),
+                  "E[sum_t l_t g_t]: the own-token term only, missing the future-token KL.",
+                  f"own-token term only; {OFF_NO_WEIGHTS}."),
+    ReferenceCell("k3 in loss (GRPO default)", "k3", "loss", in_loss("k3"),
+                  "E[sum_t (1 - e^{-l_t}) g_t]: the per-position forward-KL gradient.",
+                  f"per-position forward-KL gradient; {OFF_NO_WEIGHTS}."),
+    ReferenceCell("k3 value, k2 gradient (straight-through)", "k2-grad", "loss", straight_through_k2,
+                  "E[sum_t l_t g_t]: own-token term only (verl k3+), missing the future-token KL.",
+                  f"own-token term only; {OFF_NO_WEIGHTS}."),
+    ReferenceCell("k3 x token ratio (bias-corrected k3)", "k3", "loss", token_ratio_k3,
+                  "on-policy E[sum_t l_t g_t]: own-token term only (TRL use_bias_correction_kl).",
+                  "token ratios correct the action at the visited prefix, not the prefix distribution, "
+                  "and the future-token KL is still missing."),
+    ReferenceCell("k2 gradient x detached token ratio", "k2-grad", "loss", detached_ratio_k2,
+                  "E[sum_t l_t g_t]: own-token term only (OpenRLHF unbiased_gradient).",
+                  "own-token term with token ratios only: misses the future-token KL and the prefix weights."),
+    ReferenceCell("k1 in reward (sequence sum)", "k1", "reward", in_reward("k1"),
+                  "E[sum_t g_t sum_t' l_t']: the score-function gradient of KL_seq, exact.",
+                  "token-level PPO ratios correct each action but not the prefix distribution: biased off-policy."),
+    ReferenceCell("k1 in reward (reward-to-go)", "k1", "reward", in_reward("k1", reward_to_go=True),
+                  "E[sum_t g_t sum_{t'>=t} l_t']: exact, with lower variance than the sequence sum.",
+                  "token-level PPO ratios correct each action but not the prefix distribution: biased off-policy."),
+    ReferenceCell("k2 in reward", "k2", "reward", in_reward("k2"),
+                  "E[G * sum_t l_t^2/2]: the gradient of E[sum k2], a different divergence.",
+                  "the gradient of a different divergence, with token ratios only."),
+    ReferenceCell("k3 in reward", "k3", "reward", in_reward("k3"),
+                  "grad KL_seq + E[G sum_t (e^{-l_t} - 1)]: near pi_ref the regulariser nearly cancels.",
+                  "the pathwise part of E[sum k3] is missing and token ratios do not fix the prefix."),
+    ReferenceCell("k3 in reward and in loss", "k3", "reward+loss", k3_reward_and_loss,
+                  "the full gradient of E[sum k3] = grad KL_seq: exact (higher variance).",
+                  "the reward part is reweighted per token only and the loss part not at all: biased off-policy."),
+    ReferenceCell("k1 in reward, seq-mean-token-mean", "k1", "reward", in_reward("k1", per_sequence_mean=True),
+                  "weights response i by 1/|y_i|: the gradient of a length-weighted objective, biased once lengths differ.",
+                  "length-weighted and reweighted per token only.",
+                  fix="a batch-constant normaliser (token sum / sequence mean), or kl-patches k1-rtg-loss"),
+    ReferenceCell("k3 in loss, seq-mean-token-mean", "k3", "loss", in_loss("k3", per_sequence_mean=True),
+                  "per-position forward-KL gradient, length-weighted.",
+                  f"per-position forward-KL gradient, length-weighted; {OFF_NO_WEIGHTS}."),
+    ReferenceCell("reward-to-go with token-only ratios", "k1", "loss", token_only_ratio_rtg,
+                  "on-policy the ratios are 1: the reward-to-go score-function gradient, exact.",
+                  "per-token ratios correct the action at the visited prefix but not the prefix distribution."),
+    ReferenceCell("k1-rtg-loss, seq-mean-token-mean normaliser", "k1", "loss",
+                  mode_k1_rtg_loss(per_sequence_mean=True),
+                  "the right coefficients but a per-sequence 1/|y_i| normaliser: length-weighted, biased.",
+                  "the right coefficients but a per-sequence 1/|y_i| normaliser: length-weighted, biased.",
+                  mode=K1_RTG_LOSS, group_size=2, fix="use a batch-constant normaliser"),
+    ReferenceCell("k1-rtg-loss, truncated weights", "k1", "loss", mode_k1_rtg_loss(truncation=TRUNCATION),
+                  "on-policy all weights are 1, below the truncation: exact.",
+                  f"prefix weights truncated at {TRUNCATION}: bounded bias for bounded variance.",
+                  mode=K1_RTG_LOSS, group_size=2, fix="untruncated per-decision weights (truncation=None)"),
+    ReferenceCell("k1-in-reward (kl-patches)", "k1", "reward", mode_k1_in_reward,
+                  "sequence k1 with a leave-one-out baseline in the advantage: exact.",
+                  "token-level PPO ratios correct each action but not the prefix distribution; "
+                  f"off-policy use {K1_RTG_LOSS}.",
+                  mode=K1_IN_REWARD, group_size=2, fix=f"kl-patches mode {K1_RTG_LOSS}"),
+    ReferenceCell("k1-rtg-loss (kl-patches)", "k1", "loss", mode_k1_rtg_loss(),
+                  "reward-to-go score-function surrogate with a leave-one-out baseline: exact.",
+                  "per-decision prefix weights rho_{1:t'} make the reward-to-go surrogate exact under mu.",
+                  mode=K1_RTG_LOSS, group_size=2),
+)
+
+
+def run_reference(spec: PolicySpec, cells: tuple[ReferenceCell, ...] = CELLS,
+                  regimes: tuple[str, ...] = ("on", "off")) -> list[AuditRecord]:
+    """Audit every reference cell on the policy ``spec``, on- and off-policy."""
+    import kl_patches
+
+    records = []
+    for regime in regimes:
+        problem: AuditProblem = build_problem(spec, off_policy=regime == "off")
+        truth = exact_kl_gradient(problem)
+        for cell in cells:
+            records.append(audit_record(
+                problem, cell.loss, library="core", library_version=kl_patches.__version__,
+                configuration=cell.configuration, estimator=cell.estimator, placement=cell.placement,
+                mode=cell.mode, group_size=cell.group_size, truth=truth, fix=cell.fix,
+                reason=cell.reason_on if regime == "on" else cell.reason_off,
+            ))
+    return records

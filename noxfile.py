@@ -1,0 +1,54 @@
+"""Test sessions: the core alone (no RL library installed), then one virtual environment per library,
+because their pins conflict (verl 0.9 needs transformers < 5.11, OpenRLHF 0.11 pins 5.15).
+
+    python -m pip install nox && python -m nox          # everything, as CI runs it
+    python -m nox -s core                               # one session
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = "3.11"
+CONSTRAINTS = ("-c", "ci/constraints.txt")  # the CPU build of torch; never a pin in the package itself
+
+
+def install_torch(session: nox.Session) -> None:
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """The library-agnostic core, with none of trl / verl / openrlhf installed."""
+    install_torch(session)
+    session.install(*CONSTRAINTS, ".[test]")
+    session.run("python", "-c", "import importlib.util as u, sys; "
+                "sys.exit(any(u.find_spec(m) for m in ('trl', 'verl', 'openrlhf')))")
+    session.run("pytest", "tests/core", *session.posargs)
+
+
+def library_session(session: nox.Session, library: str) -> None:
+    install_torch(session)
+    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included).
+    session.run("bash", f"ci/install-{library}.sh", external=True)
+    session.install(*CONSTRAINTS, ".[test]")
+    session.run("pytest", f"tests/integrations/{library}", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def trl(session: nox.Session) -> None:
+    library_session(session, "trl")
+
+
+@nox.session(python=PYTHON)
+def verl(session: nox.Session) -> None:
+    library_session(session, "verl")
+
+
+@nox.session(python=PYTHON)
+def openrlhf(session: nox.Session) -> None:
+    library_session(session, "openrlhf")
