@@ -1,0 +1,5 @@
+import sys
+
+from kl_patches.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""``kl-patches`` command line: ``check`` audits KL gradients exactly; ``modes`` lists the modes.
+
+    kl-patches check                              # core reference set + every installed library
+    kl-patches check --library trl --config my_grpo.yaml
+    kl-patches check --library openrlhf -- --algo.kl.use_loss --algo.kl.estimator k3
+    kl-patches check --json                       # records for machines
+
+Exit status: 0 the audit ran (and any user configuration is exact); 1 a user configuration is biased;
+2 the audit could not run (library missing, unsupported version, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from typing import Sequence
+
+from kl_patches import LIBRARIES, __version__
+from kl_patches.modes import DESCRIPTIONS, MODES
+
+EXIT_OK, EXIT_BIASED, EXIT_ERROR = 0, 1, 2
+
+
+def installed_libraries() -> list[str]:
+    return [library for library in LIBRARIES if importlib.util.find_spec(library) is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kl-patches", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"kl-patches {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser(
+        "check", help="audit KL gradients by exact enumeration on a tiny policy",
+        description="Audit the KL gradient of each configuration by exact enumeration of every response of a "
+        "tiny autoregressive policy: relative error, cosine and norm ratio against grad KL(pi || pi_ref) over "
+        "whole responses. Arguments after `--` are a library command line to audit (OpenRLHF).",
+    )
+    check.add_argument("--library", default="all", choices=("all", "core", *LIBRARIES),
+                       help="'core' = the reference taxonomy in plain torch; 'all' (default) = core plus every "
+                       "installed library")
+    check.add_argument("--config", help="audit this configuration file of the library (TRL or verl YAML)")
+    check.add_argument("--json", action="store_true", help="print the records as JSON")
+    policy = check.add_argument_group("the tiny policy (recorded on every record, so any cell can be rerun)")
+    policy.add_argument("--policy", dest="kind", default="tabular", choices=("tabular", "transformer"))
+    policy.add_argument("--vocab", type=int, default=3, help="vocabulary size including EOS (default 3)")
+    policy.add_argument("--horizon", type=int, default=3, help="maximum response length (default 3)")
+    policy.add_argument("--seed", type=int, default=0)
+    policy.add_argument("--distance", type=float, default=0.5,
+                        help="scale of the perturbation between pi_theta and pi_ref (default 0.5)")
+    policy.add_argument("--staleness", type=float, default=0.3,
+                        help="scale of the perturbation between pi_theta and the behaviour policy mu (default 0.3)")
+
+    modes = commands.add_parser("modes", help="list the KL modes")
+    modes.add_argument("--json", action="store_true")
+    return parser
+
+
+def run_check(args: argparse.Namespace, extra: Sequence[str]) -> tuple[list, list[str]]:
+    """The records, and the errors of libraries that could not be audited."""
+    from kl_patches.audit.policies import PolicySpec
+
+    spec = PolicySpec(kind=args.kind, vocab=args.vocab, horizon=args.horizon, seed=args.seed,
+                      distance=args.distance, staleness=args.staleness)
+    user_input = args.config is not None or bool(extra)
+    if user_input and args.library in ("all", "core"):
+        raise SystemExit(_fail("--config / arguments after -- need --library trl, verl or openrlhf"))
+    if args.library == "all":
+        libraries = ["core", *installed_libraries()]
+    else:
+        libraries = [args.library]
+    records, errors = [], []
+    for library in libraries:
+        if library == "core":
+            from kl_patches.audit.reference import run_reference
+
+            records.extend(run_reference(spec))
+            continue
+        if importlib.util.find_spec(library) is None:
+            errors.append(f"{library} is not installed: pip install 'kl-patches[{library}]'")
+            continue
+        try:
+            adapter = importlib.import_module(f"kl_patches.integrations.{library}.audit")
+            records.extend(adapter.audit(spec, config=args.config, args=list(extra)))
+        except Exception as err:  # the audit must say why a library could not be audited, not crash
+            errors.append(f"{library}: {type(err).__name__}: {err}")
+    return records, errors
+
+
+def _fail(message: str) -> int:
+    print(f"kl-patches: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(records: list, errors: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    if not console.is_terminal and console.width < 160:
+        console = Console(width=160)  # piped or captured: don't fold the reasons into a narrow column
+    for library in dict.fromkeys(record.library for record in records):
+        rows = [record for record in records if record.library == library]
+        first = rows[0]
+        table = Table(title=f"{library} {first.library_version}", title_justify="left")
+        for column, justify in (("configuration", "left"), ("mode", "left"), ("KL", "left"), ("policy", "center"),
+                                ("rel_err", "right"), ("cosine", "right"), ("norm", "right"),
+                                ("verdict", "left"), ("what the gradient is", "left")):
+            table.add_column(column, justify=justify, overflow="fold")
+        for record in rows:
+            style = {"exact": "green", "biased": "red"}.get(record.verdict, "yellow")
+            reason = record.reason + (f" Fix: {record.fix}." if record.fix and record.verdict == "biased" else "")
+            table.add_row(Text(record.configuration), record.mode, f"{record.estimator} in {record.placement}",
+                          record.policy, _number(record.rel_err, ".1e"), _number(record.cosine, ".3f"),
+                          _number(record.norm_ratio, ".3f"), Text(record.verdict, style=style), Text(reason))
+        console.print(table)
+        for note in sorted({note for record in rows for note in record.notes}):
+            console.print(Text(f"  note: {note}"))
+        spec = {k: v for k, v in first.spec.items()
+                if k in ("kind", "vocab", "horizon", "seed", "distance", "staleness")}
+        console.print(Text(f"  policy: {spec}"))
+    for error in errors:
+        console.print(Text(f"could not audit {error}", style="red"))
+    counts = {verdict: sum(r.verdict == verdict for r in records) for verdict in ("exact", "biased", "not covered")}
+    console.print(f"{len(records)} cells audited: {counts['exact']} exact, {counts['biased']} biased, "
+                  f"{counts['not covered']} not covered (exact = relative error < 1e-10 against "
+                  f"grad KL(pi || pi_ref) over whole responses, by exact enumeration).")
+
+
+def check(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    try:
+        records, errors = run_check(args, extra)
+    except ValueError as err:
+        return _fail(str(err))
+    if args.json:
+        json.dump([record.as_dict() for record in records], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        for error in errors:
+            print(f"kl-patches: could not audit {error}", file=sys.stderr)
+    else:
+        render(records, errors)
+    if errors:
+        return EXIT_ERROR
+    biased_user = [r for r in records if r.user_config and r.verdict != "exact"]
+    if biased_user:
+        out = sys.stderr if args.json else sys.stdout
+        for record in biased_user:
+            print(f"your configuration is {record.verdict} ({record.policy}-policy, {record.configuration}): "
+                  f"{record.reason}" + (f" Fix: {record.fix}" if record.fix else ""), file=out)
+        return EXIT_BIASED
+    return EXIT_OK
+
+
+def list_modes(args: argparse.Namespace) -> int:
+    if args.json:
+        json.dump([{"mode": mode, "description": DESCRIPTIONS[mode]} for mode in MODES], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for mode in MODES:
+            print(f"{mode:14} {DESCRIPTIONS[mode]}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, extra = argv[:split], argv[split + 1:]
+    args = build_parser().parse_args(argv)
+    if args.command == "modes":
+        return list_modes(args)
+    return check(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
