@@ -88,11 +88,13 @@ def prefix_importance_weights(
 ) -> Tensor:
     """rho_{1:t} = prod_{s<=t, s in response} pi(y_s|s_s) / mu(y_s|s_s), detached; 0 at masked positions.
 
-    ``truncation`` c clips each rho_{1:t} at c (bounded bias, bounded variance). The log-weight is also
-    clamped at the dtype's overflow point so the weights stay finite for any input.
+    ``truncation`` c clips each rho_{1:t} at c (bounded bias, bounded variance). Without it, log rho is
+    still clamped at a quarter of the dtype's overflow exponent (rho <= ~2.7e9 in float32, ~1e77 in
+    float64): the loss multiplies two weights (the baseline term) by log-ratios and log-probs summed over
+    long responses, and must stay finite. A weight that large means mu has nothing to say about pi anyway.
     """
     log_rho = masked_log_ratio(logp.detach(), behaviour_logp.detach(), mask).cumsum(dim=-1)
-    cap = max_exponent(log_rho.dtype)
+    cap = max_exponent(log_rho.dtype) / 4
     if truncation is not None:
         if not truncation > 0:
             raise ValueError(f"truncation must be positive, got {truncation}")
