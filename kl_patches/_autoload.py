@@ -8,10 +8,11 @@ A patch that fails raises from that import, so the process never trains on the b
 from __future__ import annotations
 
 import importlib
+import sys
 
 import wrapt
 
-from kl_patches.modes import mode_from_env
+from kl_patches.modes import KLModeError, mode_from_env
 
 #: library -> (module whose import triggers the patch, adapter hook). Adapters own what the hook does.
 HOOKS = {
@@ -31,8 +32,22 @@ def _hook_for(library: str):
     return hook
 
 
+def _refuse(error: Exception):
+    def hook(_module):
+        raise error
+
+    return hook
+
+
 def install() -> None:
-    mode_from_env()  # an unknown value fails here, at start-up, not at the first training step
+    try:
+        mode_from_env()
+    except KLModeError as error:
+        # An unknown value must not let the library train unpatched: say so now, and fail its import.
+        sys.stderr.write(f"kl-patches: {error}; importing {', '.join(HOOKS)} will fail until it is fixed\n")
+        for module in HOOKS.values():
+            wrapt.register_post_import_hook(_refuse(error), module)
+        return
     for library, module in HOOKS.items():
         wrapt.register_post_import_hook(_hook_for(library), module)
 

@@ -25,7 +25,7 @@ from kl_patches.estimators import check_inputs, compute_dtype, masked, masked_lo
 
 Tensor = torch.Tensor
 Normalizer = Union[float, int, Literal["sequences", "tokens"]]
-Baseline = Literal["leave-one-out", "none"]
+Baseline = Union[Literal["leave-one-out", "none"], Tensor]
 
 
 def sequence_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
@@ -33,7 +33,11 @@ def sequence_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     return masked_log_ratio(logp.detach(), ref_logp.detach(), mask).sum(dim=-1)
 
 
-def _check_group_ids(group_ids: Tensor | None, batch: int, baseline: str) -> None:
+def _check_group_ids(group_ids: Tensor | None, batch: int, baseline) -> None:
+    if isinstance(baseline, torch.Tensor):
+        if baseline.shape != (batch,):
+            raise ValueError(f"a baseline tensor must have shape ({batch},), got {tuple(baseline.shape)}")
+        return
     if baseline not in ("leave-one-out", "none"):
         raise ValueError(f"unknown baseline {baseline!r}; choose 'leave-one-out' or 'none'")
     if baseline == "none":
@@ -78,7 +82,9 @@ def kl_advantage(
     check_inputs(logp, ref_logp, mask)
     _check_group_ids(group_ids, logp.shape[0], baseline)
     seq = sequence_kl(logp, ref_logp, mask)
-    if baseline == "leave-one-out":
+    if isinstance(baseline, torch.Tensor):
+        seq = seq - baseline.detach().to(seq.dtype)
+    elif baseline == "leave-one-out":
         seq = seq - leave_one_out_baseline(seq, group_ids)
     return -beta * seq
 
@@ -117,7 +123,12 @@ def rtg_coefficients(
     baseline: Baseline = "leave-one-out",
     truncation: float | None = None,
 ) -> Tensor:
-    """The detached coefficient of log pi_t in ``k1-rtg-loss``: sum_{t'>=t} rho_{1:t'} l_t' - rho_{1:t} b_i."""
+    """The detached coefficient of log pi_t in ``k1-rtg-loss``: sum_{t'>=t} rho_{1:t'} l_t' - rho_{1:t} b_i.
+
+    ``baseline`` is ``"leave-one-out"`` (over ``group_ids``, from this batch's rows), ``"none"``, or a (batch,)
+    tensor of b_i fixed by the caller -- e.g. computed over the whole generation batch before it was split into
+    micro-batches. Any b_i that does not depend on sample i keeps the estimator exact.
+    """
     check_inputs(logp, ref_logp, mask)
     _check_group_ids(group_ids, logp.shape[0], baseline)
     log_ratio = masked_log_ratio(logp.detach(), ref_logp.detach(), mask)
@@ -131,7 +142,9 @@ def rtg_coefficients(
         rho = prefix_importance_weights(logp, behaviour_logp, mask, truncation).to(log_ratio.dtype)
     weighted = rho * log_ratio
     coefficients = reverse_cumsum(weighted)
-    if baseline == "leave-one-out":
+    if isinstance(baseline, torch.Tensor):
+        coefficients = coefficients - rho * baseline.detach().to(coefficients.dtype)[:, None]
+    elif baseline == "leave-one-out":
         coefficients = coefficients - rho * leave_one_out_baseline(weighted.sum(dim=-1), group_ids)[:, None]
     return masked(coefficients, mask)
 

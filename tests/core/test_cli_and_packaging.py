@@ -84,4 +84,10 @@ def test_autoload_pth_is_inert_without_the_variable_and_strict_with_it():
     on = run("-c", probe, env={"KL_PATCHES_MODE": "k1-rtg-loss"})
     assert on.stdout.strip() == "True"
     bad = run("-c", probe, env={"KL_PATCHES_MODE": "k4"})
-    assert "unknown KL mode 'k4'" in bad.stderr
+    assert "unknown KL mode 'k4'" in bad.stderr and bad.returncode == 0  # start-up itself goes on ...
+    # ... but the libraries it would patch refuse to import (stand-in module names: the core session has none).
+    refuse = ("import sys, types, wrapt\n"
+              "module = types.ModuleType('trl'); sys.modules['trl'] = module\n"
+              "try:\n    wrapt.notify_module_loaded(module)\nexcept Exception as e:\n    print('refused:', e)\n")
+    refused = run("-c", refuse, env={"KL_PATCHES_MODE": "k4"})
+    assert "refused: " in refused.stdout and "unknown KL mode 'k4'" in refused.stdout

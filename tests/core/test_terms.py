@@ -160,3 +160,17 @@ def test_rtg_loss_numerics(batch, time, data, dtype, off_policy, truncation):
     assert (logp.grad[~mask] == 0).all()
     advantage = terms.kl_advantage(logp, ref, mask, beta=1.0, group_ids=torch.zeros(batch, dtype=torch.long))
     assert torch.isfinite(advantage).all()
+
+
+def test_precomputed_baseline_tensor_matches_leave_one_out_and_is_checked():
+    torch.manual_seed(1)
+    logp, ref, behaviour = (-torch.rand(4, 3, dtype=f64) for _ in range(3))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    groups = torch.tensor([0, 0, 1, 1])
+    weighted = terms.prefix_importance_weights(logp, behaviour, mask) * terms.masked_log_ratio(logp, ref, mask)
+    b = terms.leave_one_out_baseline(weighted.sum(-1), groups)
+    given = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, baseline=b)
+    loo = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, group_ids=groups)
+    assert torch.allclose(given, loo, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match=r"baseline tensor must have shape \(4,\)"):
+        terms.rtg_coefficients(logp, ref, mask, baseline=b[:3])
