@@ -7,9 +7,19 @@ them is used (the ``.pth`` autoloader imports it in every Python process where `
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from kl_patches.modes import ENV_VAR, MODES, KLModeError, validate_mode
+
+# The wheel installs integrations/ as kl_patches/integrations. From a source checkout (tests run from the
+# repository root, Ray workers that put the driver's working directory on sys.path) the same name must
+# resolve to the top-level integrations/ folder beside this package, not fail or shadow the installed one.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "integrations")) and os.path.isfile(
+    os.path.join(_checkout, "integrations", "__init__.py")
+):
+    __path__.append(_checkout)
 
 __version__ = "0.1.0"
 

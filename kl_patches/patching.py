@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import wrapt
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -123,6 +124,46 @@ class Rebind:
             if vars(module).get(attribute) is self.replacement:
                 setattr(module, attribute, self.original)
         self.rebound.clear()
+        # Modules imported while the patch was on bound the replacement themselves: restore them too.
+        Rebind(self.prefix, self.replacement, self.original).apply()
+
+
+class DeferredPatch:
+    """A :class:`Patch` of ``module.owner.attribute`` (``owner`` a class name, or None for the module itself),
+    applied now when ``module`` is loaded, else the moment it is imported (wrapt post-import hook), so enabling
+    a mode never imports heavy modules a process may not need."""
+
+    def __init__(self, module: str, owner: str | None, attribute: str, make_replacement: Callable[[Any], Any],
+                 library: str, version: str = "unknown") -> None:
+        self.module, self.owner, self.attribute = module, owner, attribute
+        self.make_replacement, self.library, self.version = make_replacement, library, version
+        self.patch: Patch | None = None
+        self.armed = False
+
+    def _apply_to(self, module: Any) -> None:
+        if not self.armed or self.patch is not None:
+            return
+        owner = module if self.owner is None else getattr(module, self.owner, None)
+        if owner is None:
+            raise PatchError(f"{self.library} {self.version}: expected {self.module}.{self.owner}; it is missing, "
+                             f"so kl-patches cannot reach its KL code")
+        patch = Patch(owner, self.attribute, self.make_replacement, self.library, self.version)
+        patch.apply()
+        self.patch = patch
+
+    def apply(self) -> None:
+        self.armed = True
+        loaded = sys.modules.get(self.module)
+        if loaded is not None:
+            self._apply_to(loaded)
+        else:
+            wrapt.register_post_import_hook(self._apply_to, self.module)
+
+    def revert(self) -> None:
+        self.armed = False  # a hook still registered with wrapt becomes a no-op
+        if self.patch is not None:
+            self.patch.revert()
+            self.patch = None
 
 
 class Integration:
@@ -168,7 +209,7 @@ class Integration:
             applied: list = []
             try:
                 for patch in self.build_patches(mode):
-                    if isinstance(patch, Patch):
+                    if isinstance(patch, (Patch, DeferredPatch)):
                         patch.version = version
                     patch.apply()
                     applied.append(patch)

@@ -124,3 +124,47 @@ def test_integration_refuses_unsupported_versions():
     with pytest.raises(PatchError, match="not supported"):
         Old(Trainer).enable("k1-rtg-loss")
     assert not is_patched(Trainer, "compute_loss")
+
+
+def test_rebind_revert_also_restores_copies_bound_while_patched():
+    original = lambda: "original"  # noqa: E731
+    replacement = lambda: "patched"  # noqa: E731
+    early = types.ModuleType("demo_pkg2.early")
+    early.f = original
+    sys.modules["demo_pkg2.early"] = early
+    try:
+        rebind = Rebind("demo_pkg2", original, replacement)
+        rebind.apply()
+        late = types.ModuleType("demo_pkg2.late")  # imported while patched: `from x import f` got the replacement
+        late.f = replacement
+        sys.modules["demo_pkg2.late"] = late
+        rebind.revert()
+        assert early.f is original and late.f is original
+    finally:
+        sys.modules.pop("demo_pkg2.early", None)
+        sys.modules.pop("demo_pkg2.late", None)
+
+
+def test_deferred_patch_applies_when_the_module_is_imported_and_reverts():
+    import wrapt
+
+    from kl_patches.patching import DeferredPatch
+
+    Trainer = make_target()
+    original = Trainer.__dict__["compute_loss"]
+    deferred = DeferredPatch("demo_deferred_mod", "Trainer", "compute_loss", wrap, library="demo", version="1.0")
+    deferred.apply()
+    assert deferred.patch is None  # not imported yet: nothing touched
+    module = types.ModuleType("demo_deferred_mod")
+    module.Trainer = Trainer
+    sys.modules["demo_deferred_mod"] = module
+    try:
+        wrapt.notify_module_loaded(module)
+        assert Trainer().compute_loss() == "patched:original"
+        deferred.revert()
+        assert Trainer.__dict__["compute_loss"] is original
+        missing = DeferredPatch("demo_deferred_mod", "Gone", "compute_loss", wrap, library="demo", version="1.0")
+        with pytest.raises(PatchError, match=r"demo 1\.0: expected demo_deferred_mod\.Gone"):
+            missing.apply()
+    finally:
+        del sys.modules["demo_deferred_mod"]
