@@ -1,0 +1,64 @@
+"""kl-patches for TRL (``trl>=1.15,<1.17``): the exact gradient of beta * KL(pi || pi_ref) over whole responses in
+``GRPOTrainer``. Three ways in, all reversible:
+
+* ``from kl_patches.integrations.trl import GRPOConfig, GRPOTrainer``: drop-in subclasses; ``GRPOConfig`` gains
+  ``kl_mode`` (``library``, ``k1-in-reward`` (default), ``k1-rtg-loss``), parsed by TRL's own ``TrlParser``.
+* ``kl_patches.enable("trl", mode=...)`` / ``kl_patches.disable("trl")``: patch ``trl.GRPOTrainer`` in place.
+* ``KL_PATCHES_MODE=<mode>`` in the environment: the same patch in every Python process that imports TRL.
+
+Importing this module imports neither TRL nor torch; ``GRPOConfig``/``GRPOTrainer`` are loaded on first access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kl_patches.modes import LIBRARY, validate_mode
+
+SUPPORTED = ">=1.15,<1.17"  # kept equal to kl.SUPPORTED (checked by the tests) without importing torch here
+
+__all__ = ["SUPPORTED", "GRPOConfig", "GRPOTrainer", "enable", "disable", "enabled_mode", "autoload"]
+
+
+def _integration():
+    from kl_patches.integrations.trl.patch import INTEGRATION
+
+    return INTEGRATION
+
+
+def enable(mode: str = "k1-in-reward") -> bool:
+    """Patch ``trl.GRPOTrainer`` in place with ``mode``; False when already enabled with it. PatchError (naming
+    the TRL version) when TRL is outside :data:`SUPPORTED` or its methods moved."""
+    return _integration().enable(validate_mode(mode))
+
+
+def disable() -> bool:
+    """Restore TRL's original methods (the same objects). False when nothing was patched."""
+    return _integration().disable()
+
+
+def enabled_mode() -> str | None:
+    return _integration().enabled_mode()
+
+
+def autoload(mode: str) -> None:
+    """Called by ``kl_patches/_autoload.py`` when ``trl`` is imported in a process with ``KL_PATCHES_MODE`` set.
+
+    ``import trl`` is lazy (it does not load the trainers), so the version is checked now -- an unsupported TRL
+    fails at that import, before any training -- and the patch is applied when ``trl.trainer.grpo_trainer`` is
+    imported (at once if it already is)."""
+    validate_mode(mode)
+    if mode == LIBRARY:
+        return
+    _integration().check_version()
+    import wrapt
+
+    wrapt.register_post_import_hook(lambda _module: enable(mode), "trl.trainer.grpo_trainer")
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("GRPOConfig", "GRPOTrainer"):
+        from kl_patches.integrations.trl import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,96 @@
+"""kl_mode as an ordinary GRPOConfig field: defaults, validation when the config is built, TRL's own parsers."""
+
+import pytest
+import yaml
+
+import kl_patches.integrations.trl as adapter
+from kl_patches.modes import MODES, KLModeError
+
+
+def test_default_mode_is_k1_in_reward(tmp_path):
+    args = adapter.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert args.kl_mode == "k1-in-reward"
+    assert isinstance(args, __import__("trl").GRPOConfig)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_is_accepted(tmp_path, mode):
+    assert adapter.GRPOConfig(output_dir=str(tmp_path), kl_mode=mode, use_cpu=True).kl_mode == mode
+
+
+@pytest.mark.parametrize("bad", ["k3", "K1-in-reward", "", None, 1])
+def test_unknown_mode_fails_when_the_config_is_built(tmp_path, bad):
+    with pytest.raises(KLModeError, match="unknown KL mode"):
+        adapter.GRPOConfig(output_dir=str(tmp_path), kl_mode=bad, use_cpu=True)
+
+
+def test_trl_parser_reads_kl_mode_from_the_command_line(tmp_path):
+    from trl import TrlParser
+
+    (args,) = TrlParser((adapter.GRPOConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--kl_mode", "k1-rtg-loss", "--beta", "0.1", "--use_cpu", "true"])
+    assert (args.kl_mode, args.beta) == ("k1-rtg-loss", 0.1)
+
+
+def test_trl_parser_rejects_an_unknown_mode_on_the_command_line(tmp_path, capsys):
+    from trl import TrlParser
+
+    with pytest.raises(SystemExit):
+        TrlParser((adapter.GRPOConfig,)).parse_args_and_config(["--output_dir", str(tmp_path), "--kl_mode", "k2"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_trl_parser_reads_kl_mode_from_a_yaml_config(tmp_path):
+    from trl import TrlParser
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "beta": 0.04, "kl_mode": "library",
+                                    "use_cpu": True, "model_name_or_path": "ignored"}))
+    args, remaining = TrlParser((adapter.GRPOConfig,)).parse_args_and_config(
+        ["--config", str(path)], return_remaining_strings=True)
+    assert args.kl_mode == "library" and args.beta == 0.04
+    assert "--model_name_or_path" in remaining
+
+
+def test_yaml_with_an_unknown_mode_fails_in_validation(tmp_path):
+    from trl import TrlParser
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "kl_mode": "k3-in-loss", "use_cpu": True}))
+    with pytest.raises(KLModeError, match="k3-in-loss"):
+        TrlParser((adapter.GRPOConfig,)).parse_args_and_config(["--config", str(path)])
+
+
+def test_hf_argument_parser_help_lists_the_modes(tmp_path):
+    from transformers import HfArgumentParser
+
+    help_text = HfArgumentParser((adapter.GRPOConfig,)).format_help()
+    assert "--kl_mode" in help_text and all(mode in help_text for mode in MODES)
+
+
+def test_supported_range_is_declared_once():
+    from kl_patches.integrations.trl import kl
+
+    assert adapter.SUPPORTED == kl.SUPPORTED
+    from packaging.specifiers import SpecifierSet
+    import trl
+
+    assert trl.__version__ in SpecifierSet(adapter.SUPPORTED)
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(r) for r in importlib.metadata.requires("kl-patches")]
+    extra = [r for r in requirements if r.name == "trl" and r.marker and r.marker.evaluate({"extra": "trl"})]
+    assert len(extra) == 1 and extra[0].specifier == SpecifierSet(adapter.SUPPORTED)  # pip's [trl] extra agrees
+
+
+def test_importing_the_adapter_imports_no_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, kl_patches.integrations.trl as a; "
+            "print(any(m in sys.modules for m in ('trl', 'torch', 'transformers')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
