@@ -1,0 +1,446 @@
+"""The verl patches: value-dispatching replacements of verl's KL functions, applied by post-import hooks.
+
+Every replacement delegates to verl's original for every verl value (bit-identical results) and only acts on
+the two kl-patches values (``values.py``). Targets (verl 0.9.x), each patched in the module that defines it,
+then every ``from x import f`` copy in ``sys.modules`` rebound:
+
+* ``verl.workers.utils.losses.ppo_loss``  (copies: ``workers.engine_workers``, ``trainer.distillation.losses``)
+  -- ``kl_loss_type=k1-rtg-loss``: verl's policy-gradient and entropy terms, plus the k1 reward-to-go surrogate.
+* ``verl.trainer.ppo.ray_trainer.apply_kl_penalty``  (copies: ``ppo.v1.trainer_base``,
+  ``experimental.separation.ray_trainer``) -- ``kl_penalty=k1-in-reward``: no per-token KL in the reward;
+  the coefficient is handed to compute_advantage.
+* ``verl.trainer.ppo.ray_trainer.compute_advantage``  (copies: ``ppo.v1.utils``,
+  ``experimental.separation.ray_trainer``) -- adds -beta*(KL_i - b_i) to the advantage *after* verl's
+  estimator (so never divided by a group std), b_i the leave-one-out mean over the ``uid`` group.
+* ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``  (copy: ``ppo.v1.trainer_base``) --
+  the same for agent sessions with several outputs: the KL of the whole session, on each of its rows.
+* ``verl.trainer.ppo.core_algos.kl_penalty``  (copies: ``workers.utils.losses``, ``trainer.distillation.losses``)
+  -- a guard: a kl-patches value reaching verl's per-token estimator from a path kl-patches does not patch
+  raises a clear error instead of verl's bare NotImplementedError.
+* ``verl.utils.config.validate_config``  (copies: ``verl.utils``, ``trainer.main_ppo``, ``main_ppo_v0``,
+  ``experimental.one_step_off_policy.main_ppo``) -- configuration errors before any Ray work starts.
+
+The hooks fire when verl imports a target module, in whatever process (driver, ``TaskRunner``, worker actors):
+``plugin.py`` registers them during ``import verl``. Nothing here imports a verl module eagerly.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kl_patches import terms
+from kl_patches.estimators import masked_log_ratio
+from kl_patches.modes import LIBRARY, KLModeError, validate_mode
+from kl_patches.patching import Integration, Patch, PatchError, Rebind
+
+from kl_patches.integrations.verl.values import (
+    LOSS_KEY,
+    LOSS_OVERRIDES,
+    LOSS_VALUE,
+    REWARD_KEY,
+    REWARD_OVERRIDES,
+    REWARD_VALUE,
+    VALUES,
+    check_loss_side,
+    check_reward_side,
+    check_trainer_config,
+    uses_kl_patches,
+)
+
+Tensor = torch.Tensor
+
+#: verl versions whose KL code paths the tests verify (0.9.0 and 0.9.1 share every patched function).
+SUPPORTED = ">=0.9.0,<0.9.2"
+
+#: Column apply_kl_penalty adds for compute_advantage under k1-in-reward: the KL coefficient of each row.
+BETA_KEY = "kl_patches_kl_beta"
+
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def group_ids_from(values: Sequence[Any] | None) -> Tensor | None:
+    """Integer group ids from verl's ``uid`` (strings or numbers), None when there are none."""
+    if values is None:
+        return None
+    if isinstance(values, Tensor):
+        return values.to(torch.long).reshape(-1)
+    index: dict[Any, int] = {}
+    return torch.tensor([index.setdefault(value, len(index)) for value in list(values)], dtype=torch.long)
+
+
+def batch_constant_normalizer(
+    loss_agg_mode: str,
+    mask: Tensor,
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    loss_scale_factor: Any = None,
+) -> float | Tensor:
+    """C in beta/C * sum_i sum_t (...), from the same global batch information verl's ``agg_loss`` uses, so the
+    k1-rtg-loss term has the scale of the configured ``loss_agg_mode`` (``dp_size`` folded in as verl does).
+
+    ``seq-mean-token-mean`` weights response i by 1/|y_i| (a length-weighted objective): its batch-constant
+    counterpart is the global token count, as for ``token-mean``. Without global information (a single
+    process), verl falls back to this micro-batch's own counts, and so does this function.
+    """
+    if loss_agg_mode in ("token-mean", "seq-mean-token-mean"):
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            batch_num_tokens = mask.sum()
+        constant = batch_num_tokens
+    elif loss_agg_mode == "token-sum":
+        constant = 1
+    elif loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        if global_batch_size is None:
+            if dp_size > 1:
+                raise ValueError("global_batch_size is required when dp_size > 1")
+            global_batch_size = (mask.sum(dim=-1) > 0).sum()
+        constant = global_batch_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            constant = constant * (loss_scale_factor if loss_scale_factor is not None else mask.shape[-1])
+    else:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")  # verl's own message
+    if isinstance(constant, Tensor):
+        return constant.detach().to(torch.float64).clamp(min=1.0) / dp_size
+    return max(float(constant), 1.0) / dp_size  # an all-padding batch: a zero loss, not 0/0
+
+
+def k1_rtg_kl_loss(
+    log_prob: Tensor,
+    ref_log_prob: Tensor,
+    old_log_prob: Tensor,
+    response_mask: Tensor,
+    *,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    loss_scale_factor: Any = None,
+    group_ids: Tensor | None = None,
+) -> Tensor:
+    """The ``k1-rtg-loss`` term of one verl micro-batch (before ``kl_loss_coef``), on padded (B, T) tensors.
+
+    ``old_log_prob`` is verl's pi_old, the policy the batch was sampled with: it turns on per-decision
+    importance weights, which are exactly 1 on the first mini-batch of the first epoch and correct every later
+    mini-batch and epoch. ``group_ids`` (verl's ``uid``) gives a leave-one-out baseline; None, no baseline
+    (both exact; the baseline only lowers the variance).
+    """
+    mask = response_mask.to(torch.bool)
+    normalizer = batch_constant_normalizer(
+        loss_agg_mode, mask, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+    )
+    return terms.kl_rtg_loss(
+        log_prob, ref_log_prob, mask, beta=1.0, behaviour_logp=old_log_prob, group_ids=group_ids,
+        baseline="leave-one-out" if group_ids is not None else "none", normalizer=normalizer,
+    )
+
+
+def micro_batch_group_ids(data) -> Tensor | None:
+    """verl's ``uid`` of a micro-batch TensorDict, if it carries one and the micro-batches were not formed
+    from sequence lengths (``use_dynamic_bsz``): a baseline from group-mates chosen by length would depend
+    on the sample's own length."""
+    from verl.utils import tensordict_utils as tu
+
+    if tu.get_non_tensor_data(data, "use_dynamic_bsz", False) or "uid" not in data.keys():
+        return None
+    uid = data.get("uid")
+    uid = uid.tolist() if hasattr(uid, "tolist") else list(uid)
+    ids = group_ids_from(uid)
+    return ids if ids.numel() == data.batch_size[0] else None
+
+
+def loss_side_kl(config, model_output, data) -> tuple[Tensor, Tensor]:
+    """(k1-rtg-loss term, k1 KL value for the ``kl_loss`` metric) of one micro-batch, read as verl's
+    ``ppo_loss`` reads it (no-padding log-probs, padded fields, global batch information)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    group_ids = micro_batch_group_ids(data)
+    global_info = dict(
+        dp_size=data["dp_size"], batch_num_tokens=data["batch_num_tokens"],
+        global_batch_size=data["global_batch_size"], loss_scale_factor=config.loss_scale_factor,
+    )
+    padded = data.select("response_mask", "old_log_probs", "ref_log_prob").to_padded_tensor()
+    mask = padded["response_mask"].to(torch.bool)
+    loss = k1_rtg_kl_loss(
+        log_prob, padded["ref_log_prob"], padded["old_log_probs"], mask,
+        loss_agg_mode=config.loss_agg_mode, group_ids=group_ids, **global_info,
+    )
+    # The metric keeps verl's meaning of "kl_loss": an estimate of the KL value, here k1 aggregated as verl would.
+    k1 = masked_log_ratio(log_prob.detach(), padded["ref_log_prob"], mask)
+    value = agg_loss(loss_mat=k1, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **global_info)
+    return loss, value
+
+
+def add_kl_advantage(advantages: Tensor, kl_part: Tensor, mask: Tensor) -> Tensor:
+    """advantages + the per-response KL part on every response token; a new tensor (verl may alias
+    advantages and returns)."""
+    return advantages + (kl_part[:, None] * mask).to(advantages.dtype)
+
+
+def reward_side_kl_part(batch, beta: Tensor, group_ids: Tensor | None) -> Tensor:
+    """-beta * (KL_i - b_i) per response, KL from the sampling (old) log-probs."""
+    mask = batch["response_mask"].to(torch.bool)
+    part = terms.kl_advantage(
+        batch["old_log_probs"], batch["ref_log_prob"], mask, beta=1.0, group_ids=group_ids,
+        baseline="leave-one-out" if group_ids is not None else "none",
+    )
+    return part * beta.to(part.dtype)
+
+
+def _uid(data) -> Tensor | None:
+    uid = data.non_tensor_batch.get("uid") if hasattr(data, "non_tensor_batch") else None
+    return group_ids_from(uid)
+
+
+# ----------------------------------------------------------------------------------------- replacements
+
+
+def make_ppo_loss(original: Callable) -> Callable:
+    def ppo_loss(config, model_output, data, dp_group=None):
+        kl_loss_type = getattr(config, "kl_loss_type", None)
+        if kl_loss_type not in VALUES:
+            return original(config, model_output, data, dp_group)
+        check_loss_side(kl_loss_type, config.use_kl_loss)
+        from verl.utils.metric import AggregationType, Metric
+
+        # verl's own policy-gradient and entropy terms, from verl's code, with only its KL block switched off.
+        without_kl = copy.copy(config)
+        object.__setattr__(without_kl, "use_kl_loss", False)
+        policy_loss, metrics = original(without_kl, model_output, data, dp_group)
+        kl_loss, kl_value = loss_side_kl(config, model_output, data)
+        pg_metric = metrics.get("actor/pg_loss")
+        aggregation = getattr(pg_metric, "aggregation", AggregationType.MEAN)
+        metrics["kl_loss"] = Metric(value=kl_value, aggregation=aggregation)
+        metrics["kl_coef"] = config.kl_loss_coef
+        return policy_loss + kl_loss * config.kl_loss_coef, metrics
+
+    return ppo_loss
+
+
+def make_apply_kl_penalty(original: Callable) -> Callable:
+    def apply_kl_penalty(data, kl_ctrl, kl_penalty="kl"):
+        if kl_penalty not in VALUES:
+            return original(data, kl_ctrl, kl_penalty)
+        check_reward_side(kl_penalty, True)  # only the loss-side value is wrong here
+        from verl.utils.torch_functional import masked_mean
+
+        batch = data.batch
+        mask = batch["response_mask"]
+        k1 = masked_log_ratio(batch["old_log_probs"], batch["ref_log_prob"], mask.to(torch.bool))
+        beta = kl_ctrl.value
+        # No per-token KL in the reward: the estimator would normalise it with the task reward. The sequence KL
+        # goes into the advantage after the estimator (compute_advantage), with this coefficient.
+        batch["token_level_rewards"] = batch["token_level_scores"].clone()
+        batch[BETA_KEY] = torch.full((batch.batch_size[0],), float(beta), dtype=torch.float64)
+        current_kl = torch.mean(masked_mean(k1, mask=mask, axis=-1), dim=0).item()  # verl's metric, for k1
+        kl_ctrl.update(current_kl=current_kl, n_steps=batch.batch_size[0])
+        return data, {"actor/reward_kl_penalty": current_kl, "actor/reward_kl_penalty_coeff": beta}
+
+    return apply_kl_penalty
+
+
+def _pop_beta(data) -> Tensor | None:
+    batch = getattr(data, "batch", None)
+    if batch is None or BETA_KEY not in batch.keys():
+        return None
+    return batch.pop(BETA_KEY)
+
+
+def make_compute_advantage(original: Callable) -> Callable:
+    def compute_advantage(data, *args, **kwargs):
+        beta = _pop_beta(data)
+        if beta is None:
+            return original(data, *args, **kwargs)
+        data = original(data, *args, **kwargs)
+        batch = data.batch
+        kl_part = reward_side_kl_part(batch, beta, _uid(data))
+        batch["advantages"] = add_kl_advantage(batch["advantages"], kl_part, batch["response_mask"].to(torch.bool))
+        return data
+
+    return compute_advantage
+
+
+def session_kl_part(data, batch_keys: Sequence[str], beta: Tensor) -> Tensor:
+    """-beta * (KL_s - b_s) for each row of an agent session s (all outputs of one ``{uid}_{session}``), KL_s
+    summed over the session's outputs and b_s the leave-one-out mean over the sessions of the same uid."""
+    batch = data.batch
+    mask = batch["response_mask"].to(torch.bool)
+    row_kl = terms.sequence_kl(batch["old_log_probs"], batch["ref_log_prob"], mask)
+    sessions: dict[str, int] = {}
+    session_uid: list[str] = []
+    row_session = []
+    for key in batch_keys:
+        uid, session_id, _ = key.rsplit("_", 2)
+        name = f"{uid}_{session_id}"
+        if name not in sessions:
+            sessions[name] = len(sessions)
+            session_uid.append(uid)
+        row_session.append(sessions[name])
+    row_session = torch.tensor(row_session, dtype=torch.long)
+    session_kl = torch.zeros(len(sessions), dtype=row_kl.dtype).index_add_(0, row_session, row_kl)
+    baseline = terms.leave_one_out_baseline(session_kl, group_ids_from(session_uid))
+    return -(session_kl - baseline)[row_session] * beta.to(row_kl.dtype)
+
+
+def make_multi_trajectory_advantage(original: Callable) -> Callable:
+    def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, **kwargs):
+        beta = _pop_beta(data)  # popped, so the compute_advantage verl calls inside leaves the KL to us
+        if beta is None:
+            return original(data, batch_keys, adv_estimator, *args, **kwargs)
+        data = original(data, batch_keys, adv_estimator, *args, **kwargs)
+        batch = data.batch
+        mask = batch["response_mask"].to(torch.bool)
+        if adv_estimator == "grpo":  # verl scores whole sessions for GRPO: so is their KL
+            kl_part = session_kl_part(data, batch_keys, beta)
+        else:  # verl treats every output as its own trajectory for the other estimators
+            kl_part = reward_side_kl_part(batch, beta, _uid(data))
+        batch["advantages"] = add_kl_advantage(batch["advantages"], kl_part, mask)
+        return data
+
+    return compute_advantage_for_multi_trajectories
+
+
+def make_kl_penalty_guard(original: Callable) -> Callable:
+    def kl_penalty(logprob, ref_logprob, kl_penalty):
+        if kl_penalty in VALUES:
+            caller = sys._getframe(1)
+            raise KLModeError(
+                f"'{kl_penalty}' is a kl-patches value, a sequence-level term that verl's per-token kl_penalty() "
+                f"cannot compute; it reached kl_penalty() from {caller.f_globals.get('__name__')}."
+                f"{caller.f_code.co_name}, a code path kl-patches does not patch. kl-patches handles "
+                f"{LOSS_KEY}={LOSS_VALUE} in verl.workers.utils.losses.ppo_loss and {REWARD_KEY}={REWARD_VALUE} in "
+                f"verl.trainer.ppo.ray_trainer.apply_kl_penalty / compute_advantage"
+            )
+        return original(logprob, ref_logprob, kl_penalty)
+
+    return kl_penalty
+
+
+def make_validate_config(original: Callable) -> Callable:
+    def validate_config(config, *args, **kwargs):
+        check_trainer_config(config)
+        return original(config, *args, **kwargs)
+
+    return validate_config
+
+
+#: module -> [(attribute, replacement factory)]; the module is the one that defines the attribute.
+TARGETS: dict[str, list[tuple[str, Callable]]] = {
+    "verl.utils.config": [("validate_config", make_validate_config)],
+    "verl.trainer.ppo.core_algos": [("kl_penalty", make_kl_penalty_guard)],
+    "verl.workers.utils.losses": [("ppo_loss", make_ppo_loss)],
+    "verl.trainer.ppo.ray_trainer": [
+        ("apply_kl_penalty", make_apply_kl_penalty),
+        ("compute_advantage", make_compute_advantage),
+    ],
+    "verl.trainer.ppo.v1.utils": [
+        ("compute_advantage_for_multi_trajectories", make_multi_trajectory_advantage),
+    ],
+}
+
+
+# ------------------------------------------------------------------------------------------ integration
+
+
+class VerlIntegration(Integration):
+    """verl's adapter. ``enable()`` registers a post-import hook per target module (firing at once for
+    modules already imported); each hook patches its module and rebinds the copies. Idempotent; ``disable()``
+    restores every original by identity. The patches act only on the kl-patches values, so the one mode
+    ``enable`` accepts is ``library``: the kl-patches term is chosen per run by verl's own configuration."""
+
+    library = "verl"
+    distribution = "verl"
+    supported = SUPPORTED
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks_registered = False
+        self._version = "unknown"
+
+    def build_patches(self, mode: str) -> list:  # patches are built per module, when it is imported
+        return []
+
+    def enable(self, mode: str = LIBRARY) -> bool:
+        validate_mode(mode)
+        if mode != LIBRARY:
+            raise KLModeError(
+                f"verl selects the KL term per run from its own configuration, not with enable({mode!r}): "
+                f"set {LOSS_OVERRIDES} (loss side) or {REWARD_OVERRIDES} (reward side). "
+                f"The plugin (installed with kl-patches) already patched verl in every process."
+            )
+        with self._lock:
+            if self.mode is not None:
+                return False
+            self._version = self.check_version()  # read once: hooks run under the import lock
+            self.mode = mode
+            try:
+                self._hook_modules()
+            except BaseException:
+                self.disable()
+                raise
+            return True
+
+    def _hook_modules(self) -> None:
+        if not self._hooks_registered:
+            import wrapt
+
+            self._hooks_registered = True
+            for module_name in TARGETS:  # fires right away for a module already imported
+                wrapt.register_post_import_hook(self.patch_module, module_name)
+        else:  # hooks fire once per module: after a disable(), patch the modules already imported here
+            for module_name in TARGETS:
+                if sys.modules.get(module_name) is not None:
+                    self.patch_module(sys.modules[module_name])
+
+    def patch_module(self, module) -> None:
+        """Patch the targets ``module`` defines and rebind their copies in every loaded verl module."""
+        with self._lock:
+            if self.mode is None:
+                return
+            for attribute, factory in TARGETS[module.__name__]:
+                patch = Patch(module, attribute, factory, self.library, self._version)
+                if not patch.apply():
+                    continue
+                rebind = Rebind("verl", patch.original, patch.replacement)
+                rebind.apply()
+                self._applied.extend([patch, rebind])
+
+    def disable(self) -> bool:
+        with self._lock:
+            if self.mode is None:
+                return False
+            # Modules imported after a patch bound the replacement itself (no Rebind recorded it): sweep them too.
+            for item in self._applied:
+                if isinstance(item, Patch) and item.replacement is not None:
+                    Rebind("verl", item.replacement, item.original).apply()
+            return super().disable()
+
+    def patched_targets(self) -> list[str]:
+        return [item.target for item in self._applied if isinstance(item, Patch)]
+
+
+def make_refusal_guard(message: str) -> Callable[[Callable], Callable]:
+    """For a verl version outside the supported range: validate_config raises ``message`` when a kl-patches
+    value is configured, instead of letting verl fail later with a bare NotImplementedError."""
+
+    def factory(original: Callable) -> Callable:
+        def validate_config(config, *args, **kwargs):
+            if uses_kl_patches(config):
+                raise PatchError(message)
+            return original(config, *args, **kwargs)
+
+        return validate_config
+
+    return factory
