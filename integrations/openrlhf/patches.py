@@ -31,7 +31,7 @@ import wrapt
 from kl_patches import estimators, terms
 from kl_patches.integrations.openrlhf import SUPPORTED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, KLModeError, validate_mode
-from kl_patches.patching import MARKER, Integration, Patch, PatchError, Rebind
+from kl_patches.patching import MARKER, DeferredPatch, Integration, Patch, PatchError, Rebind
 
 logger = logging.getLogger("kl_patches.openrlhf")
 
@@ -121,8 +121,8 @@ class OpenRLHFIntegration(Integration):
         replacement = make_compute_approx_kl(self, original)
         return [
             Patch(utils, "compute_approx_kl", lambda _original: replacement, LIBRARY_NAME),
-            CopiesRebind(LIBRARY_NAME, original, replacement),
-            DeferredPatch(self, ACTOR_MODULE, TRAINER_CLASS, "training_step", make_training_step),
+            Rebind(LIBRARY_NAME, original, replacement),
+            DeferredPatch(ACTOR_MODULE, TRAINER_CLASS, "training_step", make_training_step, LIBRARY_NAME),
         ]
 
 
@@ -201,52 +201,6 @@ def make_training_step(original):
             _LOSS_CONTEXT.reset(token)
 
     return training_step
-
-
-class CopiesRebind(Rebind):
-    """Rebind ``from openrlhf.models.utils import compute_approx_kl`` copies; on revert also restore copies bound to
-    the replacement by modules imported while the patch was on (they are not in ``rebound``)."""
-
-    def revert(self) -> None:
-        super().revert()
-        Rebind(self.prefix, self.replacement, self.original).apply()
-
-
-class DeferredPatch:
-    """A :class:`Patch` of ``module.owner.attribute`` applied now if ``module`` is loaded, else when it is imported
-    (wrapt post-import hook). Importing it eagerly would pull DeepSpeed into processes that never train (vLLM
-    engines import ``openrlhf`` too, and OpenRLHF keeps DeepSpeed out of them)."""
-
-    def __init__(self, integration: Integration, module: str, owner: str, attribute: str, make_replacement) -> None:
-        self.integration, self.module, self.owner, self.attribute = integration, module, owner, attribute
-        self.make_replacement = make_replacement
-        self.patch: Patch | None = None
-        self.armed = False
-
-    def _apply_to(self, module) -> None:
-        if not self.armed or self.patch is not None:
-            return
-        owner = getattr(module, self.owner, None)
-        if owner is None:
-            raise PatchError(f"{LIBRARY_NAME} {self.integration.version}: expected {self.module}.{self.owner}; "
-                             f"it is missing, so kl-patches cannot reach the KL loss")
-        patch = Patch(owner, self.attribute, self.make_replacement, LIBRARY_NAME, self.integration.version)
-        patch.apply()
-        self.patch = patch
-
-    def apply(self) -> None:
-        self.armed = True
-        loaded = sys.modules.get(self.module)
-        if loaded is not None:
-            self._apply_to(loaded)
-        else:
-            wrapt.register_post_import_hook(self._apply_to, self.module)
-
-    def revert(self) -> None:
-        self.armed = False  # a hook still registered with wrapt becomes a no-op
-        if self.patch is not None:
-            self.patch.revert()
-            self.patch = None
 
 
 def patched_targets() -> dict[str, bool]:
