@@ -417,16 +417,6 @@ class VerlIntegration(Integration):
                 rebind.apply()
                 self._applied.extend([patch, rebind])
 
-    def disable(self) -> bool:
-        with self._lock:
-            if self.mode is None:
-                return False
-            # Modules imported after a patch bound the replacement itself (no Rebind recorded it): sweep them too.
-            for item in self._applied:
-                if isinstance(item, Patch) and item.replacement is not None:
-                    Rebind("verl", item.replacement, item.original).apply()
-            return super().disable()
-
     def patched_targets(self) -> list[str]:
         return [item.target for item in self._applied if isinstance(item, Patch)]
 
