@@ -117,7 +117,9 @@ def render(records: list, errors: list[str]) -> None:
             table.add_column(column, justify=justify, overflow="fold")
         for record in rows:
             style = {"exact": "green", "biased": "red"}.get(record.verdict, "yellow")
-            reason = record.reason + (f" Fix: {record.fix}." if record.fix and record.verdict == "biased" else "")
+            reason = record.reason.rstrip(". ") + "."
+            if record.fix and record.verdict == "biased":
+                reason += f" Fix: {record.fix.rstrip('. ')}."
             table.add_row(Text(record.configuration), record.mode, f"{record.estimator} in {record.placement}",
                           record.policy, _number(record.rel_err, ".1e"), _number(record.cosine, ".3f"),
                           _number(record.norm_ratio, ".3f"), Text(record.verdict, style=style), Text(reason))
