@@ -23,12 +23,12 @@ def install_torch(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def core(session: nox.Session) -> None:
-    """The library-agnostic core, with none of trl / verl / openrlhf installed."""
+    """The library-agnostic core, with none of trl / verl / openrlhf installed, and the benchmarks' quick modes."""
     install_torch(session)
     session.install(*CONSTRAINTS, ".[test]")
     session.run("python", "-c", "import importlib.util as u, sys; "
                 "sys.exit(any(u.find_spec(m) for m in ('trl', 'verl', 'openrlhf')))")
-    session.run("pytest", "tests/core", *session.posargs)
+    session.run("pytest", "tests/core", "tests/benchmarks", *session.posargs)
 
 
 def library_session(session: nox.Session, library: str) -> None:

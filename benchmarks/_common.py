@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also when piped to a log
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LIBRARIES = ("trl", "verl", "openrlhf")
@@ -51,18 +53,21 @@ class Coverage:
         return f"[{script}] covered: {', '.join(self.covered) or 'none'}; skipped: {skipped}"
 
 
-def library_adapter(library: str):
-    """The adapter's audit module when the library and its adapter are importable here, else the reason why not."""
+def library_adapter(library: str, module: str = "audit"):
+    """The adapter's ``module`` (``audit``, or ``""`` for the adapter package) when the library and its adapter
+    are importable here, else None and the reason why not."""
     if importlib.util.find_spec(library) is None:
         return None, f"{library} is not installed in {sys.prefix}"
+    name = f"kl_patches.integrations.{library}" + (f".{module}" if module else "")
     try:
-        return importlib.import_module(f"kl_patches.integrations.{library}.audit"), None
+        return importlib.import_module(name), None
     except Exception as err:  # noqa: BLE001 - any import failure is a reason to skip, reported verbatim
-        return None, f"kl_patches.integrations.{library}.audit failed to import: {type(err).__name__}: {err}"
+        return None, f"{name} failed to import: {type(err).__name__}: {err}"
 
 
-def resolve_coverage(requested: Sequence[str] | None) -> tuple[Coverage, dict]:
-    """``requested`` = None: core plus every library installed here. Returns the coverage and the adapters."""
+def resolve_coverage(requested: Sequence[str] | None, module: str = "audit") -> tuple[Coverage, dict]:
+    """``requested`` = None: core plus every library installed here. Returns the coverage and the adapters'
+    ``module`` per covered library."""
     wanted = list(requested) if requested else ["core", *LIBRARIES]
     coverage, adapters = Coverage(), {}
     for library in wanted:
@@ -71,7 +76,7 @@ def resolve_coverage(requested: Sequence[str] | None) -> tuple[Coverage, dict]:
             continue
         if library not in LIBRARIES:
             raise SystemExit(f"unknown library {library!r}; choose from core, {', '.join(LIBRARIES)}")
-        adapter, why = library_adapter(library)
+        adapter, why = library_adapter(library, module)
         if adapter is None:
             coverage.skipped[library] = why
         else:
@@ -124,6 +129,15 @@ def quantiles(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), at(0.2), at(0.8)
 
 
+def dumps(value: dict) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def compact(value: float) -> str:
+    """Seven significant digits: far below any difference the benchmarks report, and half the bytes of repr."""
+    return format(float(value), ".7g")
+
+
 class Rows:
     """Collects measurement rows for one script and writes them, merged with other libraries' rows."""
 
@@ -139,9 +153,9 @@ class Rows:
         median, p20, p80 = quantiles(values)
         self.rows.append({
             "what": what, "library": library, "configuration": configuration, "metric": metric, "unit": unit,
-            "x_name": x_name, "x": x, "median": repr(median), "p20": repr(p20), "p80": repr(p80),
-            "config": json.dumps(config or {}, sort_keys=True), "machine": self._machine,
-            "versions": json.dumps(versions([library]), sort_keys=True), "timestamp": self._stamp,
+            "x_name": x_name, "x": x, "median": compact(median), "p20": compact(p20), "p80": compact(p80),
+            "config": dumps(config or {}), "machine": self._machine,
+            "versions": dumps(versions([library])), "timestamp": self._stamp,
         })
 
     @property
@@ -151,7 +165,8 @@ class Rows:
     def write(self, measured: Sequence[str]) -> Path:
         """Replace the rows of the ``measured`` libraries in the CSV; keep every other library's rows."""
         self.out.mkdir(parents=True, exist_ok=True)
-        kept = [row for row in read_rows(self.path) if row["library"] not in set(measured)]
+        kept = [{**row, **{key: compact(row[key]) for key in ("median", "p20", "p80")}}
+                for row in read_rows(self.path) if row["library"] not in set(measured)]
         with open(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             writer.writeheader()

@@ -1,0 +1,561 @@
+"""Cost of the exact KL modes: time and memory of one loss + backward step, patched versus unpatched, side by side.
+
+Shapes: batch 32 (4 groups of 8), response length 512..4096 (each response's length uniform in [T/2, T]),
+float32. Two sources of log-probs:
+
+* ``tensors``: precomputed (B, T) log-prob tensors (a leaf with requires_grad): the KL term alone, the worst case
+  for a relative overhead because nothing else is computed;
+* ``lm-head``: log-probs from a small LM head forward (hidden states (B, T, 64) -> vocabulary 1024 ->
+  log_softmax -> gather), gradients to the head and the hidden states: the realistic case, where the overhead
+  relative to the whole step is what matters.
+
+Each step is a token-mean policy-gradient loss (ratio x advantage) plus the KL: ``unpatched`` = beta * k3 in the
+loss (the GRPO / verl ``low_var_kl`` default); ``k1-rtg-loss`` = ``kl_patches.kl_rtg_loss`` with per-decision
+weights and a leave-one-out baseline, normalised by the batch's token count; ``k1-in-reward`` =
+``kl_patches.kl_advantage`` folded into the advantage (no KL term in the loss); ``no KL`` for scale. Variants are
+timed interleaved in one process (order alternating every repetition); the CSV holds the median / p20 / p80
+time and the per-repetition ratio to ``unpatched``.
+
+Memory, two CPU measures (torch.cuda is not available here and tracemalloc does not see torch's allocator):
+``saved_bytes`` = bytes of the unique storages the autograd graph saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``), and ``peak_rss`` = the step's peak resident-set increase in a
+fresh subprocess (Linux VmHWM after resetting it through /proc/self/clear_refs, minus the RSS before the step).
+
+Libraries (verl, OpenRLHF, whose loss code takes log-prob tensors): their real loss functions through the adapters'
+helpers (``_libraries``), the library's default KL (unpatched) against the kl-patches mode that replaces it, loss
+side and reward side, alternated step by step, each in the patch state it needs; memory = saved bytes only.
+The OpenRLHF harness (the adapter's audit helpers) wraps tensors in a float64-preserving subclass whose per-op
+dispatch cost both sides pay. TRL: its own ``GRPOTrainer`` against kl-patches' drop-in subclass in each mode, on a
+small Llama with generation replaced by a fixed batch of completions: scoring (``_generate_and_score_completions``)
+and ``compute_loss`` + backward, timed separately and together.
+
+Also recorded: the wall time of ``kl-patches check --library <lib>`` in a fresh process (library import included)
+for core and every installed library.
+
+    python benchmarks/overhead.py            # core + every library installed in this interpreter
+    python benchmarks/overhead.py --quick    # short responses, two repetitions (smoke test)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+SCRIPT = "overhead"
+BATCH, GROUP, BETA = 32, 8, 0.04
+HIDDEN, VOCAB = 64, 1024
+CORE_VARIANTS = ("unpatched", "k1-rtg-loss", "k1-in-reward", "no KL")
+TARGET_TIME, TARGET_MEMORY = 1.03, 1.01
+#: interleaved repetitions per source: sub-millisecond KL-only steps need many to beat a shared machine's jitter
+REPETITIONS = {"tensors": 101, "lm-head": 9}
+LIBRARY_REPETITIONS = {"tensors": 31, "lm-head": 7}
+
+
+def make_inputs(source: str, length: int, seed: int = 0) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (BATCH,), generator=generator)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    old = -2.0 * torch.rand(BATCH, length, generator=generator)
+    inputs = {
+        "mask": mask,
+        "old": old,
+        "ref": old + 0.1 * torch.randn(BATCH, length, generator=generator),
+        "advantages": torch.randn(BATCH, generator=generator),
+        "group_ids": torch.arange(BATCH // GROUP).repeat_interleave(GROUP),
+        "num_tokens": float(mask.sum()),
+        "source": source,
+    }
+    if source == "tensors":
+        inputs["logp"] = (old + 0.05 * torch.randn(BATCH, length, generator=generator)).requires_grad_()
+    else:
+        inputs["hidden"] = torch.randn(BATCH, length, HIDDEN, generator=generator).requires_grad_()
+        inputs["head"] = (torch.randn(HIDDEN, VOCAB, generator=generator) / HIDDEN ** 0.5).requires_grad_()
+        inputs["tokens"] = torch.randint(0, VOCAB, (BATCH, length), generator=generator)
+    return inputs
+
+
+def log_probs(inputs: dict):
+    import torch
+
+    if inputs["source"] == "tensors":
+        return inputs["logp"]
+    logits = inputs["hidden"] @ inputs["head"]
+    return torch.log_softmax(logits, dim=-1).gather(-1, inputs["tokens"].unsqueeze(-1)).squeeze(-1)
+
+
+def policy_loss(logp, inputs: dict, advantages):
+    import torch
+
+    ratio = torch.exp(logp - inputs["old"])
+    per_token = torch.where(inputs["mask"], -ratio * advantages[:, None], 0.0)
+    return per_token.sum() / inputs["num_tokens"]
+
+
+def core_step(variant: str):
+    import torch
+
+    from kl_patches import estimators, terms
+
+    def step(inputs: dict) -> None:
+        logp = log_probs(inputs)
+        if variant == "unpatched":
+            kl = estimators.k3(logp, inputs["ref"], inputs["mask"]).sum() / inputs["num_tokens"]
+            loss = policy_loss(logp, inputs, inputs["advantages"]) + BETA * kl
+        elif variant == "k1-rtg-loss":
+            loss = policy_loss(logp, inputs, inputs["advantages"]) + terms.kl_rtg_loss(
+                logp, inputs["ref"], inputs["mask"], beta=BETA, behaviour_logp=inputs["old"],
+                group_ids=inputs["group_ids"], normalizer=inputs["num_tokens"])
+        elif variant == "k1-in-reward":
+            # computed once per generation batch from the rollout log-probs, then optimised by the same PG loss
+            advantages = inputs["advantages"] + terms.kl_advantage(
+                inputs["old"], inputs["ref"], inputs["mask"], beta=BETA, group_ids=inputs["group_ids"])
+            loss = policy_loss(logp, inputs, advantages)
+        elif variant == "no KL":
+            loss = policy_loss(logp, inputs, inputs["advantages"])
+        else:
+            raise ValueError(variant)
+        loss.backward()
+
+    del torch
+    return step
+
+
+def clear_grads(inputs: dict) -> None:
+    for key in ("logp", "hidden", "head"):
+        if key in inputs:
+            inputs[key].grad = None
+
+
+def time_interleaved(steps: dict, inputs: dict, repetitions: int) -> dict:
+    """{variant: [seconds per repetition]}, variants run back to back in alternating order each repetition."""
+    names = list(steps)
+    for name in names:  # warm-up
+        steps[name](inputs)
+        clear_grads(inputs)
+    times = {name: [] for name in names}
+    for repetition in range(repetitions):
+        for name in (names if repetition % 2 == 0 else names[::-1]):
+            started = time.perf_counter()
+            steps[name](inputs)
+            times[name].append(time.perf_counter() - started)
+            clear_grads(inputs)
+    return times
+
+
+def saved_bytes(step, inputs: dict) -> int:
+    """Bytes of the unique storages the autograd graph saves for backward during one step."""
+    import torch
+
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step(inputs)
+    clear_grads(inputs)
+    return sum(storages.values())
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def peak_rss_probe(source: str, variant: str, length: int) -> dict:
+    """Run in a fresh subprocess: the step's peak RSS above the RSS before it (KiB)."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(2)
+    step = core_step(variant)
+    step(make_inputs(source, 16, seed=1))  # warm-up: one-off allocations (kernels, thread pools) happen here
+    inputs = make_inputs(source, length)
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak-RSS high-water mark (Linux >= 4.0)
+    except OSError as err:
+        return {"error": f"cannot reset the RSS high-water mark: {err}"}
+    before = _status_kib("VmRSS")
+    step(inputs)
+    return {"peak_kib": _status_kib("VmHWM") - before}
+
+
+def measure_peak_rss(source: str, variant: str, length: int, repeats: int) -> list[float] | None:
+    values = []
+    for _ in range(repeats):
+        result = subprocess.run([sys.executable, __file__, "--probe", json.dumps([source, variant, length])],
+                                capture_output=True, text=True, check=True)
+        probe = json.loads(result.stdout.strip().splitlines()[-1])
+        if "error" in probe:
+            print(f"[{SCRIPT}] peak RSS not measured: {probe['error']}")
+            return None
+        values.append(probe["peak_kib"] * 1024.0)
+    return values
+
+
+def core_overhead(rows: _common.Rows, quick: bool) -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    lengths = (64, 128) if quick else (512, 1024, 2048, 4096)
+    steps = {variant: core_step(variant) for variant in CORE_VARIANTS}
+    for source in ("tensors", "lm-head"):
+        repetitions = 2 if quick else REPETITIONS[source]
+        for length in lengths:
+            inputs = make_inputs(source, length)
+            config = {"batch": BATCH, "group": GROUP, "source": source, "beta": BETA, "dtype": "float32",
+                      "threads": torch.get_num_threads(), "repetitions": repetitions,
+                      **({"hidden": HIDDEN, "vocab": VOCAB} if source == "lm-head" else {})}
+            times = time_interleaved(steps, inputs, repetitions)
+            what = f"overhead-{source}"
+            for variant, values in times.items():
+                common = dict(what=what, library="core", configuration=variant, x_name="response length",
+                              x=length, config=config)
+                rows.add(metric="time", unit="ms", values=[1e3 * v for v in values], **common)
+                ratios = [a / b for a, b in zip(values, times["unpatched"])]
+                rows.add(metric="time_ratio_vs_unpatched", unit="ratio", values=ratios, **common)
+                saved = saved_bytes(steps[variant], inputs)
+                rows.add(metric="saved_bytes", unit="bytes", values=saved, **common)
+                # quick: one subprocess set (each imports torch, ~1 s) just to exercise the path
+                measured = not quick or (source == "lm-head" and length == lengths[0])
+                peak = measure_peak_rss(source, variant, length, repeats=1 if quick else 3) if measured else None
+                if peak is not None:
+                    rows.add(metric="peak_rss", unit="bytes", values=peak, **common)
+            summary = ", ".join(f"{v} {1e3 * statistics.median(t):.1f} ms" for v, t in times.items())
+            print(f"[{SCRIPT}] core {source:8s} T={length:5d}: {summary}")
+            del inputs
+
+
+def check_time(rows: _common.Rows, library: str, quick: bool) -> None:
+    """Wall time of ``kl-patches check --library <library>`` in a fresh process (library import included)."""
+    script = Path(sys.executable).with_name("kl-patches")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "kl_patches"]
+    command += ["check", "--library", library]
+    values, codes = [], []
+    for _ in range(1 if quick else 3):
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        values.append(time.perf_counter() - started)
+        codes.append(result.returncode)
+    target = 10.0 if library == "core" else 20.0
+    rows.add(what="check_time", library=library, configuration=f"kl-patches check --library {library}",
+             metric="time", unit="s", values=values,
+             config={"target_s": target, "exit_codes": codes, "command": " ".join(command[-4:])})
+    print(f"[{SCRIPT}] kl-patches check --library {library}: {statistics.median(values):.1f} s "
+          f"(target < {target:g} s, exit codes {codes})")
+
+
+#: (unpatched, patched) pairs of ``_libraries.loss_paths`` indices: loss side, then reward side
+LIBRARY_PAIRS = {
+    "verl": ((0, 3), (2, 4)),
+    "openrlhf": ((0, 3), (2, 4)),
+}
+
+
+def library_step(loss_fn):
+    """One step through a library's real loss function: the batch's log-probs (precomputed or from the LM head)
+    as an AuditBatch of 4 groups of 8 sampled from a stale behaviour policy (old log-probs), then backward."""
+    import torch
+
+    from kl_patches.audit import AuditBatch
+
+    def step(inputs: dict) -> None:
+        logp = log_probs(inputs)
+        batch = AuditBatch(
+            tokens=torch.zeros(logp.shape, dtype=torch.long), mask=inputs["mask"], logp=logp, ref_logp=inputs["ref"],
+            behaviour_logp=inputs["old"], group_ids=inputs["group_ids"], rows=torch.arange(BATCH), group_size=GROUP,
+            on_policy=False,
+        )
+        loss_fn(batch).backward()
+
+    return step
+
+
+TRL_WORDS = 1024  # the TRL overhead model's vocabulary (w0 .. w1022, EOS)
+
+
+def trl_trainers(length: int, folder: str):
+    """TRL's own GRPOTrainer (k3 in the loss, TRL's defaults, beta = 0.04) and kl-patches' drop-in GRPOTrainer in
+    each mode, on the same small Llama (float32, hidden 64, 2 layers, vocabulary 1024) saved in ``folder``, with
+    generation replaced by fixed completions (lengths uniform in [T/2, T]; as kl-patches' TRL audit feeds TRL),
+    so that every call of ``_generate_and_score_completions`` is TRL's scoring of the same batch."""
+    import warnings
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kl_patches.integrations import trl as adapter
+
+    words = {f"w{i}": i for i in range(TRL_WORDS - 1)}
+    words["</s>"] = TRL_WORDS - 1
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="</s>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=TRL_WORDS, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=length + 16,
+                         pad_token_id=TRL_WORDS - 1, eos_token_id=TRL_WORDS - 1, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(length // 2, length + 1, (BATCH,), generator=generator)
+    completions = [torch.randint(0, TRL_WORDS - 1, (int(n),), generator=generator).tolist() for n in lengths]
+    settings = dict(output_dir=f"{folder}/out", beta=0.04, num_generations=GROUP, per_device_train_batch_size=BATCH,
+                    max_completion_length=length, use_cpu=True, report_to=[], save_strategy="no", bf16=False)
+    trainers = {}
+    for name in ("unpatched", "k1-in-reward", "k1-rtg-loss"):
+        if name == "unpatched":
+            config_, class_ = trl.GRPOConfig(**settings), trl.GRPOTrainer
+        else:
+            config_, class_ = adapter.GRPOConfig(kl_mode=name, **settings), adapter.GRPOTrainer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = class_(model=folder, reward_funcs=lambda completions, **_: [0.5] * len(completions),
+                             args=config_, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * BATCH}),
+                             processing_class=tokenizer)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: ([list(c) for c in completions], None)
+        trainers[name] = trainer
+    return trainers
+
+
+def trl_overhead(rows: _common.Rows, quick: bool) -> None:
+    """TRL's real step, patched versus unpatched: ``_generate_and_score_completions`` (TRL's scoring of a fixed
+    generation batch: rewards, advantages, reference log-probs; kl-patches adds the sequence KL, which needs the
+    sampling log-probs: one extra no-grad forward when the batch is on-policy) and ``compute_loss`` + backward."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    transformers.logging.set_verbosity_error()
+    lengths = (32,) if quick else (512, 1024, 2048)
+    repetitions = 1 if quick else 5
+    for length in lengths:
+        with tempfile.TemporaryDirectory() as folder:
+            trainers = trl_trainers(length, folder)
+            prompts = [{"prompt": "w1 w2"}] * BATCH
+            times = {(name, part): [] for name in trainers for part in ("score", "loss")}
+            saved = {}
+
+            def step(name: str, record: bool) -> None:
+                trainer = trainers[name]
+                started = time.perf_counter()
+                inputs = trainer._generate_and_score_completions(prompts)
+                scored = time.perf_counter()
+                trainer.compute_loss(trainer.model, inputs).backward()
+                done = time.perf_counter()
+                trainer.model.zero_grad(set_to_none=True)
+                if record:
+                    times[(name, "score")].append(scored - started)
+                    times[(name, "loss")].append(done - scored)
+
+            names = list(trainers)
+            for name in names:
+                step(name, record=False)  # warm-up
+                trainer = trainers[name]
+                inputs = trainer._generate_and_score_completions(prompts)
+                saved[name] = saved_bytes(lambda _: trainer.compute_loss(trainer.model, inputs).backward(), {})
+                trainer.model.zero_grad(set_to_none=True)
+            for repetition in range(repetitions):
+                for name in (names if repetition % 2 == 0 else names[::-1]):
+                    step(name, record=True)
+            config = {"batch": BATCH, "group": GROUP, "beta": 0.04, "model": "Llama hidden 64, 2 layers, vocab 1024",
+                      "dtype": "float32", "threads": torch.get_num_threads(), "repetitions": repetitions,
+                      "unpatched": "trl.GRPOTrainer (k3 in loss, use_bias_correction_kl=True, loss_type=dapo)"}
+            for name in names:
+                for part, what in (("score", "overhead-trl-scoring"), ("loss", "overhead-trl-loss")):
+                    values = times[(name, part)]
+                    common = dict(what=what, library="trl", configuration=name, x_name="response length", x=length,
+                                  config=config)
+                    rows.add(metric="time", unit="ms", values=[1e3 * v for v in values], **common)
+                    rows.add(metric="time_ratio_vs_unpatched", unit="ratio",
+                             values=[a / b for a, b in zip(values, times[("unpatched", part)])], **common)
+                    if part == "loss":
+                        rows.add(metric="saved_bytes", unit="bytes", values=saved[name], **common)
+                total = [a + b for a, b in zip(times[(name, "score")], times[(name, "loss")])]
+                base = [a + b for a, b in zip(times[("unpatched", "score")], times[("unpatched", "loss")])]
+                rows.add(what="overhead-trl-step", library="trl", configuration=name, metric="time_ratio_vs_unpatched",
+                         unit="ratio", values=[a / b for a, b in zip(total, base)], x_name="response length", x=length,
+                         config=config)
+                rows.add(what="overhead-trl-step", library="trl", configuration=name, metric="time", unit="ms",
+                         values=[1e3 * v for v in total], x_name="response length", x=length, config=config)
+            print(f"[{SCRIPT}] trl T={length:5d}: " + ", ".join(
+                f"{n} score {1e3 * statistics.median(times[(n, 'score')]):.0f} ms + loss "
+                f"{1e3 * statistics.median(times[(n, 'loss')]):.0f} ms" for n in names))
+
+
+def library_overhead(rows: _common.Rows, library: str, quick: bool) -> None:
+    """Each pair (the library's default KL, the kl-patches mode replacing it) timed interleaved through the
+    library's own loss code (``_libraries``), with the patch state each path needs."""
+    import contextlib
+
+    import torch
+
+    import _libraries
+
+    if library == "trl":
+        return trl_overhead(rows, quick)
+    if library not in LIBRARY_PAIRS:
+        raise LookupError(f"no overhead pairs for {library}")
+    torch.set_num_threads(2)
+    lengths = (64, 128) if quick else (512, 1024, 2048, 4096)
+    paths = _libraries.checked_paths(library, group=GROUP)
+    for unpatched_index, patched_index in LIBRARY_PAIRS[library]:
+        unpatched, patched = paths[unpatched_index], paths[patched_index]
+        what_suffix = "loss side" if patched.mode == "k1-rtg-loss" else "reward side"
+        for source in ("tensors", "lm-head"):
+            repetitions = 2 if quick else LIBRARY_REPETITIONS[source]
+            for length in lengths:
+                inputs = make_inputs(source, length)
+                config = {"batch": BATCH, "group": GROUP, "source": source, "dtype": "float32",
+                          "threads": torch.get_num_threads(), "repetitions": repetitions, "side": what_suffix,
+                          "unpatched": unpatched.name, "patched": patched.name,
+                          **({"hidden": HIDDEN, "vocab": VOCAB} if source == "lm-head" else {})}
+
+                def timed(path):
+                    @contextlib.contextmanager
+                    def run():
+                        with path.active() as loss:
+                            yield library_step(loss)
+
+                    return run
+
+                # the two paths need different patch states: alternate them step by step, each inside its state
+                times = {"unpatched": [], patched.mode: []}
+                entries = (("unpatched", timed(unpatched)), (patched.mode, timed(patched)))
+                for name, context in entries:  # warm-up
+                    with context() as step:
+                        step(inputs)
+                    clear_grads(inputs)
+                for repetition in range(repetitions):
+                    for name, context in (entries if repetition % 2 == 0 else entries[::-1]):
+                        with context() as step:
+                            started = time.perf_counter()
+                            step(inputs)
+                            times[name].append(time.perf_counter() - started)
+                        clear_grads(inputs)
+                what = f"overhead-{source}-{what_suffix.replace(' ', '-')}"
+                for name, context in entries:
+                    label = unpatched.name if name == "unpatched" else patched.name
+                    common = dict(what=what, library=library, configuration=f"{name}: {label}",
+                                  x_name="response length", x=length, config=config)
+                    rows.add(metric="time", unit="ms", values=[1e3 * v for v in times[name]], **common)
+                    rows.add(metric="time_ratio_vs_unpatched", unit="ratio",
+                             values=[a / b for a, b in zip(times[name], times["unpatched"])], **common)
+                    with context() as step:
+                        rows.add(metric="saved_bytes", unit="bytes", values=saved_bytes(step, inputs), **common)
+                print(f"[{SCRIPT}] {library} {what_suffix} {source:8s} T={length:5d}: " + ", ".join(
+                    f"{n} {1e3 * statistics.median(t):.1f} ms" for n, t in times.items()))
+                del inputs
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """Per library: time ratio (top) and memory ratio (bottom: saved bytes solid, peak RSS dashed) of each variant
+    against the unpatched step, per measurement and response length."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    libraries = list(dict.fromkeys(r["library"] for r in rows if r["what"].startswith("overhead-")))
+    for library in libraries:
+        mine = [r for r in rows if r["library"] == library and r["what"].startswith("overhead-")]
+        whats = list(dict.fromkeys(r["what"] for r in mine))
+        fig, axes = plt.subplots(2, len(whats), figsize=(5.2 * len(whats), 8), squeeze=False)
+        for column, what in enumerate(whats):
+            variants = list(dict.fromkeys(r["configuration"] for r in mine if r["what"] == what))
+            baseline = variants[0]
+            top, bottom = axes[0, column], axes[1, column]
+            for index, variant in enumerate(variants):
+                colour = plt.get_cmap("tab10")(index)
+                line = [r for r in mine if r["what"] == what and r["configuration"] == variant
+                        and r["metric"] == "time_ratio_vs_unpatched"]
+                if line:
+                    xs = [float(r["x"]) for r in line]
+                    top.errorbar(xs, [float(r["median"]) for r in line],
+                                 yerr=[[float(r["median"]) - float(r["p20"]) for r in line],
+                                       [float(r["p80"]) - float(r["median"]) for r in line]],
+                                 marker="o", capsize=3, color=colour, label=variant)
+                for metric, style in (("saved_bytes", "-"), ("peak_rss", "--")):
+                    points = []
+                    for r in mine:
+                        if r["what"] == what and r["configuration"] == variant and r["metric"] == metric:
+                            base = next((b for b in mine if b["what"] == what and b["configuration"] == baseline
+                                         and b["metric"] == metric and b["x"] == r["x"]), None)
+                            if base is not None and float(base["median"]) > 0:
+                                points.append((float(r["x"]), float(r["median"]) / float(base["median"])))
+                    if points:
+                        bottom.plot(*zip(*points), style, marker="o", color=colour,
+                                    label=f"{variant} ({metric.replace('_', ' ')})")
+            if not bottom.lines:  # no memory measured for this part (e.g. TRL's scoring)
+                bottom.set_axis_off()
+            top.axhline(TARGET_TIME, color="grey", linestyle=":", linewidth=1)
+            bottom.axhline(TARGET_MEMORY, color="grey", linestyle=":", linewidth=1)
+            top.set_ylabel("step time / unpatched step time")
+            bottom.set_ylabel("memory / unpatched memory")
+            for axis in (top, bottom) if bottom.axison else (top,):
+                axis.set_xscale("log", base=2)
+                axis.set_xlabel("response length T (batch 32)")
+                axis.set_title(what.replace("overhead-", ""), fontsize=10)
+                axis.grid(alpha=0.3)
+                axis.legend(fontsize=6.5)
+        fig.suptitle(f"{library}: one loss + backward step against the unpatched one\n(median, bars p20-p80 of "
+                     f"interleaved repetitions; dotted: targets {TARGET_TIME} time, {TARGET_MEMORY} memory)",
+                     fontsize=11)
+        fig.tight_layout()
+        path = out / f"overhead_{library}.png"
+        fig.savefig(path, dpi=75)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--probe"]:
+        print(json.dumps(peak_rss_probe(*json.loads(argv[1]))))
+        return 0
+    args = _common.parser(__doc__.split("\n")[0]).parse_args(argv)
+    coverage, adapters = _common.resolve_coverage(args.libraries)
+    rows = _common.Rows(SCRIPT, args.out)
+    if not args.plot_only:
+        for library in list(coverage.covered):
+            started = time.perf_counter()
+            try:
+                if library == "core":
+                    core_overhead(rows, args.quick)
+                else:
+                    library_overhead(rows, library, args.quick)
+                check_time(rows, library, args.quick)
+            except Exception as err:  # noqa: BLE001 - reported as skipped, never silently
+                coverage.skip(library, f"{type(err).__name__}: {err}")
+                continue
+            print(f"[{SCRIPT}] {library}: {time.perf_counter() - started:.1f} s")
+    _common.finish(rows, coverage, args, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

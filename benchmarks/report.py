@@ -1,0 +1,553 @@
+"""Render docs/results.md (the README's "Results" section) from the benchmark CSVs: every figure in it is read from
+benchmarks/results/*.csv, and every claim it states is computed from them (pass or fail, with the number).
+
+    python benchmarks/report.py            # run_all.py calls it last
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+DOC = _common.HERE.parent / "docs" / "results.md"
+IMAGES = "benchmarks/results"  # image links relative to the README, where this section is pasted
+README = _common.HERE.parent / "README.md"
+README_BEGIN, README_END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+
+
+def load(out: Path, script: str) -> list[dict]:
+    return _common.read_rows(out / f"{script}.csv")
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "never"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) < 1e-2:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{max(digits, 3)}g}"
+
+
+def times(ratio: float) -> str:
+    """A ratio as "3,180×" / "110×" / "1.27×"."""
+    if math.isnan(ratio):
+        return "n/a"
+    if math.isinf(ratio):
+        return "∞×"
+    return f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×"
+
+
+def med(row: dict | None, key: str = "median") -> float:
+    return math.nan if row is None else float(row[key])
+
+
+def table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def index(rows: list[dict], *keys: str) -> dict:
+    found = {}
+    for row in rows:
+        found[tuple(row[k] for k in keys)] = row
+    return found
+
+
+def versions_line(rows: list[dict]) -> str:
+    merged = {}
+    for row in rows:
+        merged.update(json.loads(row["versions"]))
+    return ", ".join(f"{k} {v}" for k, v in sorted(merged.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def section_bias(out: Path) -> list[str]:
+    rows = load(out, "bias_table")
+    if not rows:
+        return ["*No bias_table.csv: run `python benchmarks/bias_table.py`.*"]
+    text = []
+    cells = index([r for r in rows if r["what"] == "bias"], "library", "configuration", "x", "metric")
+    for library in ordered(r["library"] for r in rows if r["what"] == "bias"):
+        configurations = list(dict.fromkeys(r["configuration"] for r in rows
+                                            if r["what"] == "bias" and r["library"] == library))
+        first = next(r for r in rows if r["what"] == "bias" and r["library"] == library)
+        meta = json.loads(first["config"])
+        text.append(f"**{library} {meta.get('library_version', '')}** — {meta['policies']} policies per regime "
+                    f"(median over the grid; worst in brackets):\n")
+        lines = []
+        for configuration in configurations:
+            line = [configuration.replace("|", "/"),
+                    json.loads(next(r for r in rows if r["what"] == "bias" and r["library"] == library
+                                    and r["configuration"] == configuration)["config"])["mode"]]
+            for policy in ("on", "off"):
+                rel = cells.get((library, configuration, policy, "rel_err"))
+                if rel is None:
+                    covered = cells.get((library, configuration, policy, "not_covered"))
+                    line += ["not covered" if covered else "—", "", ""]
+                    continue
+                worst = cells[(library, configuration, policy, "rel_err_worst")]
+                cosine = cells[(library, configuration, policy, "cosine")]
+                cosine_worst = cells[(library, configuration, policy, "cosine_worst")]
+                exact = cells[(library, configuration, policy, "exact_fraction")]
+                line += [f"{fmt(med(rel))} [{fmt(med(worst))}]", f"{med(cosine):.3f} [{med(cosine_worst):.3f}]",
+                         f"{100 * med(exact):.0f}%"]
+            lines.append(line)
+        text.append(table(["configuration", "mode", "on: rel_err", "on: cosine", "on: exact",
+                           "off: rel_err", "off: cosine", "off: exact"], lines))
+        text.append("")
+        text.append(bias_claims(rows, library))
+        text.append(f"\n![bias table {library}]({IMAGES}/bias_table_{library}.png)\n")
+    timing = [r for r in rows if r["what"] == "bias_audit_time"]
+    if timing:
+        text.append("Audit time per policy (all configurations, on and off): " + ", ".join(
+            f"{r['library']} {float(r['median']):.2f} s" for r in timing) + ".")
+    return text
+
+
+def bias_claims(rows: list[dict], library: str) -> str:
+    """Per kl-patches mode and per regime: how many of its configurations are exact in every policy of the grid
+    (exceptions named when few); for the unpatched configurations: biased everywhere / exact everywhere / mixed."""
+    bias = [r for r in rows if r["what"] == "bias" and r["library"] == library]
+    exact = {(r["configuration"], r["x"]): float(r["median"]) for r in bias if r["metric"] == "exact_fraction"}
+    worst = {(r["configuration"], r["x"]): float(r["median"]) for r in bias if r["metric"] == "rel_err_worst"}
+    low = {(r["configuration"], r["x"]): float(r["p20"]) for r in bias if r["metric"] == "rel_err"}
+    modes = {r["configuration"]: json.loads(r["config"])["mode"] for r in bias}
+
+    def names(items: list[str]) -> str:
+        return "; ".join(items) if len(items) <= 3 else f"{len(items)} configurations, see the table"
+
+    claims = []
+    for mode in sorted({m for m in modes.values() if m != "library"}):
+        parts = []
+        for policy in ("on", "off"):
+            cells = [c for (c, p) in exact if p == policy and modes[c] == mode]
+            good = [c for c in cells if exact[(c, policy)] == 1.0]
+            bad = [c for c in cells if exact[(c, policy)] < 1.0]
+            part = f"{policy}-policy {len(good)} of {len(cells)} exact in every policy"
+            if good:
+                part += f" (worst relative error {fmt(max(worst[(c, policy)] for c in good))})"
+            if bad:
+                part += f"; not exact: {names(bad)}"
+            parts.append(part)
+        claims.append(f"kl-patches {mode} configurations: " + "; ".join(parts) + ".")
+    for policy in ("on", "off"):
+        unpatched = [c for (c, p) in exact if p == policy and modes[c] == "library"]
+        biased = [c for c in unpatched if exact[(c, policy)] == 0.0]
+        exact_all = [c for c in unpatched if exact[(c, policy)] == 1.0]
+        mixed = len(unpatched) - len(biased) - len(exact_all)
+        text = (f"Unpatched, {policy}-policy: {len(biased)} of {len(unpatched)} configurations biased in every policy "
+                f"(p20 of their relative errors ≥ {fmt(min((low[(c, policy)] for c in biased), default=math.nan))})")
+        if exact_all:
+            text += f"; exact in every policy: {names(exact_all)}"
+        if mixed:
+            text += f"; {mixed} mixed"
+        claims.append(text + ".")
+    return "\n".join(f"* {claim}" for claim in claims)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def section_convergence(out: Path) -> list[str]:
+    rows = load(out, "convergence")
+    if not rows:
+        return ["*No convergence.csv: run `python benchmarks/convergence.py`.*"]
+    text = []
+    finals = {}
+    labels = {}
+    for row in rows:
+        if not row["what"].startswith("convergence-") or row["what"] == "convergence-optimum":
+            continue
+        key = (row["library"], row["configuration"], row["what"], row["metric"])
+        if key not in finals or int(row["x"]) > int(finals[key]["x"]):
+            finals[key] = row
+        labels[(row["library"], row["configuration"])] = json.loads(row["config"]).get("label", row["configuration"])
+    settings = next((json.loads(r["config"]) for r in rows if r["what"] == "convergence-optimum"), {})
+    optimum = defaultdict(list)
+    for r in rows:
+        if r["what"] == "convergence-optimum" and r["library"] == "core":
+            optimum[r["metric"]].append(float(r["median"]))
+    whats = ["convergence-sampled-on", "convergence-sampled-stale", "convergence-exact-on", "convergence-exact-stale"]
+    steps = settings.get("steps", "?")
+    text.append(
+        f"Vocabulary {settings.get('vocab')} (EOS included), horizon {settings.get('horizon')}, beta = "
+        f"{settings.get('beta')}, reward = {settings.get('reward')}; {steps} SGD steps from pi_ref, "
+        f"{settings.get('batch')} sampled responses per step (groups of {settings.get('group')}), step size "
+        f"{settings.get('lr')}/(1 + t/{settings.get('tau')}) (sampled) or {settings.get('exact_lr')} (exact); stale = "
+        f"behaviour snapshot refreshed every {settings.get('lag')} steps. pi* has KL(pi* || pi_ref) = "
+        f"{fmt(sum(optimum['kl_to_reference']) / max(len(optimum['kl_to_reference']), 1))} and E[R] = "
+        f"{fmt(sum(optimum['expected_reward']) / max(len(optimum['expected_reward']), 1))} (mean over seeds; "
+        f"pi_ref: E[R] = {fmt(sum(optimum['reference_reward']) / max(len(optimum['reference_reward']), 1))}).\n")
+    lines = []
+    for library, configuration in labels:
+        line = [labels[(library, configuration)] if library == "core" else f"{library}: {configuration}"]
+        for what in whats:
+            row = finals.get((library, configuration, what, "kl_to_optimum"))
+            line.append("—" if row is None else f"{fmt(med(row))} [{fmt(med(row, 'p20'))}, {fmt(med(row, 'p80'))}]")
+        for metric in ("kl_to_reference", "expected_reward"):
+            line.append(fmt(med(finals.get((library, configuration, "convergence-exact-on", metric)))))
+        lines.append(line)
+    text.append(f"Final KL(pi_theta || pi*) after {steps} steps (median over seeds [p20, p80]), and the exact-gradient "
+                "on-policy run's final KL to pi_ref and E[R]:\n")
+    text.append(table(["configuration", "sampled, on", "sampled, stale", "exact, on", "exact, stale",
+                       "KL(pi||pi_ref) (exact, on)", "E[R] (exact, on)"], lines))
+    text.append("")
+    text.append(convergence_claims(finals, labels))
+    text.append(f"\n![convergence, sampled]({IMAGES}/convergence_sampled.png)\n")
+    text.append(f"![convergence, exact gradient]({IMAGES}/convergence_exact.png)\n")
+    return text
+
+
+def convergence_claims(finals: dict, labels: dict) -> str:
+    claims = []
+    reference = "k3 in loss (GRPO default)"
+    for what, name in (("convergence-sampled-on", "sampled, on-policy"),
+                       ("convergence-sampled-stale", "sampled, stale samples"),
+                       ("convergence-exact-on", "exact gradient, on-policy"),
+                       ("convergence-exact-stale", "exact gradient, stale samples")):
+        base = finals.get(("core", reference, what, "kl_to_optimum"))
+        if base is None:
+            continue
+        parts = []
+        for mode_name in ("k1-in-reward (kl-patches)", "k1-rtg-loss (kl-patches)"):
+            row = finals.get(("core", mode_name, what, "kl_to_optimum"))
+            if row is None:
+                continue
+            ratio = med(base) / med(row) if med(row) > 0 else math.inf
+            verdict = "meets" if ratio >= 100 else "misses"
+            parts.append(f"{labels[('core', mode_name)]}: {fmt(med(row))}, {times(ratio)} smaller ({verdict} 100×)")
+        claims.append(f"{name}: k3 in loss ends at KL(pi||pi*) = {fmt(med(base))}; " + "; ".join(parts) + ".")
+        drift = []
+        for config in ("k1 in loss", "k3 in reward"):
+            row = finals.get(("core", config, what, "kl_to_optimum"))
+            reward = finals.get(("core", config, what, "expected_reward"))
+            kl_ref = finals.get(("core", config, what, "kl_to_reference"))
+            if row is not None:
+                drift.append(f"{config} ends at KL(pi||pi*) = {fmt(med(row))} with KL(pi||pi_ref) = "
+                             f"{fmt(med(kl_ref))} and E[R] = {fmt(med(reward))}")
+        if drift:
+            claims[-1] += " " + "; ".join(drift) + "."
+    for library in sorted({key[0] for key in finals} - {"core"}):
+        configurations = list(dict.fromkeys(key[1] for key in finals if key[0] == library))
+        for what, name in (("convergence-sampled-on", "sampled, on-policy"),
+                           ("convergence-sampled-stale", "sampled, stale samples")):
+            default = finals.get((library, configurations[0], what, "kl_to_optimum"))
+            parts = []
+            for configuration in configurations[1:]:
+                row = finals.get((library, configuration, what, "kl_to_optimum"))
+                if row is not None and default is not None:
+                    parts.append(f"{configuration}: {fmt(med(row))} ({times(med(default) / med(row))} smaller)")
+            if default is not None:
+                claims.append(f"{library}, {name}: {configurations[0]} ends at KL(pi||pi*) = {fmt(med(default))}; "
+                              + "; ".join(parts) + ".")
+    return "\n".join(f"* {claim}" for claim in claims)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+OVERHEAD_TITLES = {
+    "tensors": "KL term on precomputed log-prob tensors (the KL alone: worst case for a ratio)",
+    "lm-head": "whole step with log-probs from a small LM head",
+    "tensors-loss-side": "loss side, precomputed log-prob tensors",
+    "lm-head-loss-side": "loss side, log-probs from a small LM head",
+    "tensors-reward-side": "reward side, precomputed log-prob tensors",
+    "lm-head-reward-side": "reward side, log-probs from a small LM head",
+    "trl-scoring": "GRPOTrainer._generate_and_score_completions (scoring a fixed generation batch)",
+    "trl-loss": "GRPOTrainer.compute_loss + backward",
+    "trl-step": "scoring + compute_loss + backward (generation excluded)",
+}
+
+
+def ordered(libraries) -> list[str]:
+    """core first, then the libraries in their usual order."""
+    found = set(libraries)
+    return [lib for lib in ("core", *_common.LIBRARIES) if lib in found]
+
+
+def section_overhead(out: Path) -> list[str]:
+    rows = load(out, "overhead")
+    if not rows:
+        return ["*No overhead.csv: run `python benchmarks/overhead.py`.*"]
+    text = []
+    data = index(rows, "library", "what", "configuration", "x", "metric")
+    for library in ordered(r["library"] for r in rows if r["what"].startswith("overhead-")):
+        for what in dict.fromkeys(r["what"] for r in rows if r["library"] == library
+                                  and r["what"].startswith("overhead-")):
+            variants = list(dict.fromkeys(r["configuration"] for r in rows
+                                          if r["library"] == library and r["what"] == what))
+            baseline = variants[0]
+            xs = list(dict.fromkeys(r["x"] for r in rows if r["library"] == library and r["what"] == what))
+            config = json.loads(next(r for r in rows if r["library"] == library and r["what"] == what)["config"])
+            lines = []
+            for x in xs:
+                line = [x, f"{fmt(med(data.get((library, what, baseline, x, 'time'))), 3)} ms"]
+                for variant in variants[1:]:
+                    time_ratio = data.get((library, what, variant, x, "time_ratio_vs_unpatched"))
+                    line.append(f"{fmt(med(time_ratio), 3)} [{fmt(med(time_ratio, 'p20'), 3)}, "
+                                f"{fmt(med(time_ratio, 'p80'), 3)}]")
+                for variant in variants[1:]:
+                    parts = []
+                    for metric in ("saved_bytes", "peak_rss"):
+                        a, b = data.get((library, what, variant, x, metric)), data.get((library, what, baseline, x, metric))
+                        parts.append("—" if a is None or b is None or med(b) == 0 else fmt(med(a) / med(b), 3))
+                    line.append(" / ".join(parts))
+                lines.append(line)
+            header = ["T", f"{baseline} time"] + [f"{v}: time ratio [p20, p80]" for v in variants[1:]] + \
+                     [f"{v}: memory ratio saved / peak" for v in variants[1:]]
+            text.append(f"**{library}: {OVERHEAD_TITLES.get(what.replace('overhead-', ''), what)}** (batch "
+                        f"{config.get('batch')}, {config.get('repetitions')} interleaved repetitions, "
+                        f"{config.get('threads')} threads):\n")
+            text.append(table(header, lines))
+            text.append("")
+        text.append(f"![overhead {library}]({IMAGES}/overhead_{library}.png)\n")
+    text.append(overhead_claims(rows))
+    checks = [r for r in rows if r["what"] == "check_time"]
+    if checks:
+        text.append("\n`kl-patches check --library <lib>` wall time in a fresh process (library import included, "
+                    "median of the runs):\n")
+        text.append(table(["library", "time", "target", "exit codes"], [
+            [r["library"], f"{float(r['median']):.1f} s", f"< {json.loads(r['config'])['target_s']:g} s",
+             str(json.loads(r["config"])["exit_codes"])] for r in checks]))
+    return text
+
+
+def overhead_claims(rows: list[dict]) -> str:
+    """Per library and measurement: the patched variants' time ratio range over the lengths and memory ratios,
+    against the targets (time <= 1.03, memory <= 1.01)."""
+    claims = []
+    timed = [r for r in rows if r["what"].startswith("overhead-") and r["metric"] == "time_ratio_vs_unpatched"]
+    pairs = list(dict.fromkeys((r["library"], r["what"]) for r in timed))
+    for library, what in sorted(pairs, key=lambda pair: ("core", *_common.LIBRARIES).index(pair[0])):
+        mine = [r for r in rows if r["library"] == library and r["what"] == what]
+        variants = list(dict.fromkeys(r["configuration"] for r in mine))
+        baseline = variants[0]
+        for variant in variants[1:]:
+            if variant == "no KL":  # a reference point, not a kl-patches mode
+                continue
+            ratios = [float(r["median"]) for r in mine
+                      if r["configuration"] == variant and r["metric"] == "time_ratio_vs_unpatched"]
+            memory = []
+            for r in mine:
+                if r["configuration"] == variant and r["metric"] in ("saved_bytes", "peak_rss"):
+                    base = next((b for b in mine if b["configuration"] == baseline and b["metric"] == r["metric"]
+                                 and b["x"] == r["x"]), None)
+                    if base is not None and float(base["median"]) > 0:
+                        memory.append(float(r["median"]) / float(base["median"]))
+            text = (f"{library}, {OVERHEAD_TITLES.get(what.replace('overhead-', ''), what)}, {variant}: time ratio {fmt(min(ratios), 3)}–"
+                    f"{fmt(max(ratios), 3)} over the lengths (target ≤ 1.03: "
+                    f"{'met' if max(ratios) <= 1.03 else 'not met'})")
+            if memory:
+                text += (f"; memory ratio {fmt(min(memory), 3)}–{fmt(max(memory), 3)} (target ≤ 1.01: "
+                         f"{'met' if max(memory) <= 1.01 else 'not met'})")
+            claims.append(text + ".")
+    return "\n".join(f"* {claim}" for claim in claims)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def section_variance(out: Path) -> list[str]:
+    rows = load(out, "variance")
+    if not rows:
+        return ["*No variance.csv: run `python benchmarks/variance.py`.*"]
+    data = index([r for r in rows if r["what"] == "variance"], "library", "configuration", "metric")
+    lines = []
+    for library, configuration in dict.fromkeys((r["library"], r["configuration"]) for r in rows
+                                                if r["what"] == "variance"):
+        get = lambda metric: data.get((library, configuration, metric))  # noqa: E731
+        regime = json.loads(get("relative_bias2")["config"])["regime"]
+        ratio = get("responses_vs_sequence_k1_0.01")
+        lines.append([configuration if library == "core" else f"{library}: {configuration}", regime,
+                      fmt(med(get("relative_variance_per_response")), 3), fmt(med(get("relative_bias2"))),
+                      fmt(med(get("responses_for_rel_mse_0.1")), 3), fmt(med(get("responses_for_rel_mse_0.01")), 3),
+                      "—" if ratio is None else f"{fmt(med(ratio), 3)} [{fmt(med(ratio, 'p80'), 3)}]"])
+    policies = json.loads(rows[0]["config"]).get("policies", "?")
+    text = [f"Median over {policies} policies of: the variance of one response's share of the gradient estimate "
+            "(v), the squared bias (b²), both relative to |grad KL_seq|², and the responses n needed for a relative "
+            "MSE b² + v/n of 0.1 and 0.01 (\"never\" when b² alone exceeds it); last column: n(0.01) relative to "
+            "sequence-level k1 in reward without a baseline on the same policy (median [p80]).\n",
+            table(["estimator", "samples", "v", "b²", "n for 0.1", "n for 0.01", "n vs sequence k1"], lines), "",
+            variance_claims(data), f"\n![variance]({IMAGES}/variance.png)\n"]
+    return text
+
+
+def variance_claims(data: dict) -> str:
+    claims = []
+    from variance import RTG_LOSS, SEQUENCE_K1  # noqa: PLC0415 - the names the rows were written with
+
+    for group in (2, 4, 8, 16):
+        row = data.get(("core", f"{RTG_LOSS} [groups of {group}]", "responses_vs_sequence_k1_0.01"))
+        if row is None:
+            continue
+        claims.append(f"k1-rtg-loss with its leave-one-out baseline in groups of {group}: needs "
+                      f"{times(med(row))} the responses of {SEQUENCE_K1} (median; p80 {fmt(med(row, 'p80'), 3)}): "
+                      f"target (≤ 1) {'met' if med(row) <= 1 else 'not met'} at the median, "
+                      f"{'met' if med(row, 'p80') <= 1 else 'not met'} at p80.")
+    return "\n".join(f"* {claim}" for claim in claims)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def section_trl(out: Path) -> list[str]:
+    rows = load(out, "trl_run")
+    mine = [r for r in rows if r["what"] == "trl_run"]
+    if not mine:
+        return ["*No trl_run.csv rows: run `python benchmarks/trl_run.py` in an environment with TRL and kl-patches.*"]
+    config = json.loads(next(r for r in rows if r["what"] == "trl_run-time")["config"])
+    last = max(int(r["x"]) for r in mine)
+    finals = index([r for r in mine if int(r["x"]) == last], "configuration", "metric")
+    optimum = defaultdict(list)
+    for r in rows:
+        if r["what"] == "trl_run-optimum":
+            optimum[r["metric"]].append(float(r["median"]))
+    lines = []
+    for name in dict.fromkeys(r["configuration"] for r in mine):
+        line = [name]
+        for metric in ("expected_reward", "kl_to_reference", "objective", "kl_to_optimum"):
+            row = finals.get((name, metric))
+            line.append(f"{fmt(med(row), 3)} [{fmt(med(row, 'p20'), 3)}, {fmt(med(row, 'p80'), 3)}]")
+        lines.append(line)
+    spread = lambda values: (f"{fmt(_common.quantiles(values)[0], 3)} [{fmt(_common.quantiles(values)[1], 3)}, "  # noqa: E731
+                             f"{fmt(_common.quantiles(values)[2], 3)}]") if values else "n/a"
+    lines.append(["pi* (the optimum, per seed)", spread(optimum["expected_reward"]), spread(optimum["kl_to_reference"]),
+                  spread(optimum["objective"]), "0"])
+    versions = json.loads(mine[0]["versions"])
+    return [f"trl {versions.get('trl')}, {config['steps']} steps, {config['seeds']} seeds, beta = {config['beta']}, "
+            f"learning rate {config['learning_rate']}, {config['batch']} completions per step "
+            f"({config['num_generations']} per prompt), completions ≤ {config['completion_length']} tokens, "
+            f"model: {config['model']}. Metrics are exact (every completion enumerated) after the last step; "
+            "median over seeds [p20, p80]:\n",
+            table(["configuration", "E[R]", "KL(pi||pi_ref)", "E[R] - beta KL", "KL(pi||pi*)"], lines),
+            "", trl_claims(mine, config["seeds"]), f"\n![TRL GRPOTrainer run]({IMAGES}/trl_run.png)\n"]
+
+
+def trl_claims(mine: list[dict], seeds: int) -> str:
+    """Per seed, which configuration ends with the highest objective and the lowest KL(pi||pi*)."""
+    last = max(int(r["x"]) for r in mine)
+    names = list(dict.fromkeys(r["configuration"] for r in mine))
+    claims = []
+    for metric, better in (("objective", max), ("kl_to_optimum", min)):
+        # per-seed values are not in the CSV (median/p20/p80 over seeds are); compare the medians
+        values = {name: med(next(r for r in mine if r["configuration"] == name and r["metric"] == metric
+                                 and int(r["x"]) == last)) for name in names}
+        best = better(values, key=values.get)
+        claims.append(f"{metric.replace('_', ' ')} after {last} steps (median over {seeds} seeds): best {best} "
+                      f"({fmt(values[best], 4)}); " + ", ".join(f"{n} {fmt(v, 4)}" for n, v in values.items()
+                                                                  if n != best) + ".")
+    return "\n".join(f"* {claim}" for claim in claims)
+
+
+def render(out: Path) -> str:
+    every = []
+    for script in ("bias_table", "convergence", "overhead", "variance", "trl_run"):
+        every += load(out, script)
+    machine = every[0]["machine"] if every else "unknown"
+    parts = [
+        "## Results",
+        "",
+        "<!-- Generated by `python benchmarks/report.py` from benchmarks/results/*.csv: do not edit by hand. -->",
+        "",
+        "Every number below is in `benchmarks/results/*.csv` (one row per measurement: what, library, "
+        "configuration, metric, unit, x, median, p20, p80, config JSON, machine, versions) and is regenerated, "
+        "with the plots and this section, by",
+        "",
+        "```bash",
+        "python benchmarks/run_all.py --python trl=$TRL_VENV/bin/python --python verl=$VERL_VENV/bin/python \\",
+        "    --python openrlhf=$OPENRLHF_VENV/bin/python",
+        "```",
+        "",
+        "from an environment with kl-patches and matplotlib (the per-library parts run in each library's own "
+        "environment; without `--python` it uses the nox sessions' `.nox/<lib>` environments, and skips — and "
+        "lists — libraries it finds no environment for). Each script also runs alone (`python "
+        "benchmarks/<script>.py`, `--quick` for a smoke run) and covers core plus every library installed in "
+        "its interpreter.",
+        "",
+        f"Machine: {machine}. Versions: {versions_line(every)}.",
+        "",
+        "### 1. The exact audit over a grid of policies (`benchmarks/bias_table.py`)",
+        "",
+        "Relative error ‖E[ĝ] − ∇KL_seq‖ / ‖∇KL_seq‖ and cosine of each configuration's expected KL gradient, by "
+        "exact enumeration over every response (groups of 2 for leave-one-out baselines), on tabular and "
+        "transformer policies over seeds, vocabulary sizes, horizons, distances to the reference and staleness of "
+        "the behaviour policy. Exact = relative error < 1e-10.",
+        "",
+        *section_bias(out),
+        "",
+        "### 2. Convergence to the known optimum (`benchmarks/convergence.py`)",
+        "",
+        "Maximise E[R] − β·KL(π‖π_ref) with a tabular policy whose optimum π* ∝ π_ref·exp(R/β) is known by "
+        "enumeration. Every configuration gets the same exact task-reward gradient (REINFORCE with a leave-one-out "
+        "baseline, per-decision importance weights on stale samples) plus β times its own KL loss; *sampled* = SGD "
+        "on sampled batches, *exact* = the infinite-batch limit (the audit engine's expected gradient), clearly a "
+        "different experiment.",
+        "",
+        *section_convergence(out),
+        "",
+        "### 3. Overhead (`benchmarks/overhead.py`)",
+        "",
+        "One loss + backward step, patched versus unpatched, timed interleaved in one process. Time ratio = "
+        "median over repetitions of (variant time / unpatched time) measured back to back. Memory: bytes the "
+        "autograd graph saves for backward (`torch.autograd.graph.saved_tensors_hooks`, unique storages) / peak "
+        "RSS increase of the step in a fresh subprocess (VmHWM after resetting it via /proc/self/clear_refs). "
+        "Libraries: each library's own loss code through the adapters (verl, OpenRLHF: the library's default KL "
+        "against the kl-patches mode replacing it; TRL: `trl.GRPOTrainer` against kl-patches' `GRPOTrainer` on a "
+        "small Llama, generation replaced by a fixed batch). TRL's scoring ratio is the one extra no-grad forward "
+        "of the policy that kl-patches' TRL adapter runs on on-policy batches (TRL computes no old log-probs then, "
+        "and the leave-one-out baseline needs every group member's sequence KL before the batch is split into "
+        "micro-batches); generation, which dominates a real step, is excluded here.",
+        "",
+        *section_overhead(out),
+        "",
+        "### 4. Variance: how many responses each estimator needs (`benchmarks/variance.py`)",
+        "",
+        "Per-group gradients over every enumerated group give the exact mean and variance of each estimator, so "
+        "MSE(n) = bias² + variance·G/n exactly for n/G independent groups of G; for the leave-one-out estimators "
+        "the group estimate is a U-statistic of the enumerated pairs and Hoeffding's formula gives the exact "
+        "variance for any group size (checked against enumerated groups of 3 on every run).",
+        "",
+        *section_variance(out),
+        "",
+        "### 5. A real TRL run (`benchmarks/trl_run.py`)",
+        "",
+        *section_trl(out),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=_common.RESULTS, help="folder of the CSVs")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"where to write (default {DOC})")
+    parser.add_argument("--readme", type=Path, default=README,
+                        help=f"also replace the section between the RESULTS markers of this file (default {README})")
+    args = parser.parse_args(argv)
+    text = render(args.out)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    # docs/results.md sits one folder below the README: its image links go up one level.
+    args.doc.write_text(text.replace(f"]({IMAGES}/", f"](../{IMAGES}/"))
+    print(f"[report] wrote {args.doc}")
+    if args.readme.exists():
+        readme = args.readme.read_text()
+        begin, end = readme.find(README_BEGIN), readme.find(README_END)
+        if begin >= 0 and end > begin:
+            args.readme.write_text(readme[: begin + len(README_BEGIN)] + "\n" + text.strip() + "\n" + readme[end:])
+            print(f"[report] updated the Results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
