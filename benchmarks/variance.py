@@ -146,25 +146,14 @@ def group_gradients(problem, loss_fn, group_size: int):
     """(per-group gradients (J, P), group weights (J,)) over every ordered group of ``group_size`` responses."""
     import torch
 
-    from kl_patches.audit.engine import AuditBatch, sampling_groups
+    from kl_patches.audit.engine import enumerated_logprobs, groups_batch, sampling_groups
 
     parameters = problem.parameters()
-    logp = problem.policy.token_logprobs(problem.tokens, problem.mask)
-    with torch.no_grad():
-        ref_logp = problem.reference.token_logprobs(problem.tokens, problem.mask)
-        sampler = problem.policy if problem.on_policy else problem.behaviour
-        behaviour_logp = sampler.token_logprobs(problem.tokens, problem.mask)
-        weights = behaviour_logp.sum(-1).exp()
+    logp, ref_logp, behaviour_logp, weights = enumerated_logprobs(problem)
     members, group_weights, exact = sampling_groups(weights, group_size, max_groups=10 ** 9, samples=0, seed=0)
     assert exact
-    rows = members.reshape(-1)
     groups = members.shape[0]
-    batch = AuditBatch(
-        tokens=problem.tokens[rows], mask=problem.mask[rows], logp=logp[rows], ref_logp=ref_logp[rows],
-        behaviour_logp=(logp.detach() if problem.on_policy else behaviour_logp)[rows],
-        group_ids=torch.arange(groups).repeat_interleave(group_size), rows=rows, group_size=group_size,
-        on_policy=problem.on_policy,
-    )
+    batch = groups_batch(problem, members, logp, ref_logp, behaviour_logp)
     losses = loss_fn(batch)
     try:  # one vectorised backward per group (vmap over the backward pass)
         grads = torch.autograd.grad(losses, parameters, grad_outputs=torch.eye(groups, dtype=losses.dtype),

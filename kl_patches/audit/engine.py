@@ -150,6 +150,30 @@ def sampling_groups(weights: Tensor, group_size: int, max_groups: int, samples: 
     return members, torch.full((samples,), 1.0 / samples, dtype=weights.dtype), False
 
 
+def enumerated_logprobs(problem: AuditProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token log-probs of every response under the policy (attached), the reference and the sampling
+    policy (detached), and each response's sampling probability (detached)."""
+    logp = problem.policy.token_logprobs(problem.tokens, problem.mask)
+    with torch.no_grad():
+        ref_logp = problem.reference.token_logprobs(problem.tokens, problem.mask)
+        sampler = problem.policy if problem.on_policy else problem.behaviour
+        behaviour_logp = sampler.token_logprobs(problem.tokens, problem.mask)
+    return logp, ref_logp, behaviour_logp, behaviour_logp.sum(dim=-1).exp()
+
+
+def groups_batch(problem: AuditProblem, members: Tensor, logp: Tensor, ref_logp: Tensor,
+                 behaviour_logp: Tensor) -> AuditBatch:
+    """The training batch holding the groups ``members`` (G, group_size) of enumerated responses."""
+    rows = members.reshape(-1)
+    group_size = members.shape[1]
+    return AuditBatch(
+        tokens=problem.tokens[rows], mask=problem.mask[rows], logp=logp[rows], ref_logp=ref_logp[rows],
+        behaviour_logp=(logp.detach() if problem.on_policy else behaviour_logp)[rows],
+        group_ids=torch.arange(members.shape[0]).repeat_interleave(group_size), rows=rows,
+        group_size=group_size, on_policy=problem.on_policy,
+    )
+
+
 @dataclass
 class ExpectedGradient:
     gradient: Tensor
@@ -171,24 +195,13 @@ def expected_gradient(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     parameters = problem.parameters()
-    logp = problem.policy.token_logprobs(problem.tokens, problem.mask)
-    with torch.no_grad():
-        ref_logp = problem.reference.token_logprobs(problem.tokens, problem.mask)
-        sampler = problem.policy if problem.on_policy else problem.behaviour
-        behaviour_logp = sampler.token_logprobs(problem.tokens, problem.mask)
-        weights = behaviour_logp.sum(dim=-1).exp()
+    logp, ref_logp, behaviour_logp, weights = enumerated_logprobs(problem)
     total = float(weights.sum())
     if abs(total - 1.0) > 1e-9:
         raise RuntimeError(f"sampling probabilities sum to {total}, not 1: the response set is incomplete")
     members, group_weights, exact = sampling_groups(weights, group_size, max_groups, samples, seed)
-    rows = members.reshape(-1)
     num_groups = members.shape[0]
-    batch = AuditBatch(
-        tokens=problem.tokens[rows], mask=problem.mask[rows], logp=logp[rows], ref_logp=ref_logp[rows],
-        behaviour_logp=(logp.detach() if problem.on_policy else behaviour_logp)[rows],
-        group_ids=torch.arange(num_groups).repeat_interleave(group_size), rows=rows,
-        group_size=group_size, on_policy=problem.on_policy,
-    )
+    batch = groups_batch(problem, members, logp, ref_logp, behaviour_logp)
     losses = loss_fn(batch)
     if losses.shape != (num_groups,):
         raise ValueError(f"loss_fn must return one loss per group, shape ({num_groups},), got {tuple(losses.shape)}")
