@@ -532,20 +532,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=_common.RESULTS, help="folder of the CSVs")
     parser.add_argument("--doc", type=Path, default=DOC, help=f"where to write (default {DOC})")
-    parser.add_argument("--readme", type=Path, default=README,
-                        help=f"also replace the section between the RESULTS markers of this file (default {README})")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help=f"also replace the section between the RESULTS markers of this file (default: {README} "
+                        "when --doc is the default, else none)")
     args = parser.parse_args(argv)
+    readme = args.readme or (README if args.doc == DOC else None)  # a --doc elsewhere never rewrites the README
     text = render(args.out)
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     # docs/results.md sits one folder below the README: its image links go up one level.
     args.doc.write_text(text.replace(f"]({IMAGES}/", f"](../{IMAGES}/"))
     print(f"[report] wrote {args.doc}")
-    if args.readme.exists():
-        readme = args.readme.read_text()
-        begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if readme is not None and readme.exists():
+        current = readme.read_text()
+        begin, end = current.find(README_BEGIN), current.find(README_END)
         if begin >= 0 and end > begin:
-            args.readme.write_text(readme[: begin + len(README_BEGIN)] + "\n" + text.strip() + "\n" + readme[end:])
-            print(f"[report] updated the Results section of {args.readme}")
+            readme.write_text(current[: begin + len(README_BEGIN)] + "\n" + text.strip() + "\n" + current[end:])
+            print(f"[report] updated the Results section of {readme}")
     return 0
 
 
