@@ -5,11 +5,15 @@ from kl_patches.audit.engine import (
     AuditBatch,
     AuditProblem,
     GradientComparison,
+    accumulated_grad,
     build_problem,
     compare,
     exact_kl_gradient,
     expected_gradient,
+    expected_step_gradient,
+    flat_grad,
     per_group,
+    step_batch,
 )
 from kl_patches.audit.policies import (
     EnumerablePolicy,
@@ -36,5 +40,9 @@ __all__ = [
     "enumerate_responses",
     "exact_kl_gradient",
     "expected_gradient",
+    "expected_step_gradient",
+    "flat_grad",
+    "accumulated_grad",
     "per_group",
+    "step_batch",
 ]

@@ -108,7 +108,8 @@ def per_group(scalar_loss: Callable[[AuditBatch], Tensor]) -> LossFn:
     return loss
 
 
-def _flat_grad(output: Tensor, parameters: list[Tensor], retain_graph: bool = False) -> Tensor:
+def flat_grad(output: Tensor, parameters: list[Tensor], retain_graph: bool = False) -> Tensor:
+    """d output / d parameters, flattened into one vector (zeros for parameters the output does not use)."""
     grads = torch.autograd.grad(output, parameters, allow_unused=True, retain_graph=retain_graph)
     return torch.cat([
         (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters)
@@ -125,7 +126,7 @@ def exact_kl_gradient(problem: AuditProblem) -> Tensor:
     with torch.no_grad():
         ref_seq = sequence_logprobs(problem.reference, problem)
     kl = (seq_logp.exp() * (seq_logp - ref_seq)).sum()
-    return _flat_grad(kl, problem.parameters())
+    return flat_grad(kl, problem.parameters())
 
 
 def exact_kl_value(problem: AuditProblem) -> float:
@@ -206,13 +207,84 @@ def expected_gradient(
     if losses.shape != (num_groups,):
         raise ValueError(f"loss_fn must return one loss per group, shape ({num_groups},), got {tuple(losses.shape)}")
     if exact:
-        return ExpectedGradient(_flat_grad((group_weights * losses).sum(), parameters), True, None)
+        return ExpectedGradient(flat_grad((group_weights * losses).sum(), parameters), True, None)
     # Sampled: the mean of ``chunks`` independent estimates and its standard error.
     pieces = torch.stack([
-        _flat_grad(part.sum() * chunks, parameters, retain_graph=True)
+        flat_grad(part.sum() * chunks, parameters, retain_graph=True)
         for part in (group_weights * losses).chunk(chunks)
     ])
     return ExpectedGradient(pieces.mean(0), False, pieces.std(0, unbiased=True) / math.sqrt(pieces.shape[0]))
+
+
+StepFn = Callable[[AuditBatch], Tensor]
+
+
+def accumulated_grad(parameters: list[Tensor], reset: bool = True) -> Tensor:
+    """The gradient a library step left in ``.grad`` (after its own backward calls), flattened; then zeroed."""
+    flat = torch.cat([
+        (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters
+    ])
+    if reset:
+        for p in parameters:
+            p.grad = None
+    return flat
+
+
+def step_batch(problem: AuditProblem, rows: Tensor, group_size: int) -> AuditBatch:
+    """A fresh training batch of the enumerated responses ``rows`` (groups of ``group_size`` consecutive rows),
+    with ``logp`` recomputed on its own graph: a step function may backpropagate through it freely."""
+    tokens, mask = problem.tokens[rows], problem.mask[rows]
+    logp = problem.policy.token_logprobs(tokens, mask)
+    with torch.no_grad():
+        ref_logp = problem.reference.token_logprobs(tokens, mask)
+        behaviour_logp = (logp.detach() if problem.on_policy
+                          else problem.behaviour.token_logprobs(tokens, mask))
+    return AuditBatch(tokens, mask, logp, ref_logp, behaviour_logp,
+                      torch.arange(rows.numel() // group_size).repeat_interleave(group_size), rows,
+                      group_size, problem.on_policy)
+
+
+def expected_step_gradient(
+    problem: AuditProblem,
+    step_fn: StepFn,
+    *,
+    num_groups: int = 1,
+    group_size: int = 1,
+    max_batches: int = 5_000,
+    samples: int = 2_000,
+    seed: int = 0,
+) -> ExpectedGradient:
+    """E[the gradient of one training *step*] over generation batches of ``num_groups`` i.i.d. groups of
+    ``group_size`` responses.
+
+    ``step_fn`` gets the whole generation batch (an :class:`AuditBatch`, rows grouped consecutively) and returns
+    the flat gradient the library's step accumulates on ``problem.parameters()`` -- through the library's own
+    shuffling, balancing, micro-batch split, normaliser and accumulation (use :func:`accumulated_grad` after the
+    library's own ``backward`` calls). Every ordered batch is enumerated while there are at most ``max_batches``
+    (exact); above that, ``samples`` batches are drawn and a standard error is returned.
+    """
+    if num_groups < 1 or group_size < 1:
+        raise ValueError(f"num_groups and group_size must be >= 1, got {num_groups} and {group_size}")
+    parameters = problem.parameters()
+    with torch.no_grad():
+        _, _, _, weights = enumerated_logprobs(problem)
+    size = num_groups * group_size
+    members, batch_weights, exact = sampling_groups(weights, size, max_batches, samples, seed)
+    gradients = []
+    total = None
+    for rows, weight in zip(members, batch_weights):
+        gradient = step_fn(step_batch(problem, rows, group_size)).detach()
+        if gradient.shape != (sum(p.numel() for p in parameters),):
+            raise ValueError(f"step_fn must return the flat gradient of the policy's parameters, got "
+                             f"shape {tuple(gradient.shape)}")
+        if exact:
+            total = weight * gradient if total is None else total + weight * gradient
+        else:
+            gradients.append(gradient)
+    if exact:
+        return ExpectedGradient(total, True, None)
+    stacked = torch.stack(gradients)
+    return ExpectedGradient(stacked.mean(0), False, stacked.std(0, unbiased=True) / math.sqrt(stacked.shape[0]))
 
 
 @dataclass

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from kl_patches.audit.engine import AuditProblem, LossFn, compare, exact_kl_gradient, expected_gradient
+from kl_patches.audit.engine import (
+    AuditProblem,
+    LossFn,
+    StepFn,
+    compare,
+    exact_kl_gradient,
+    expected_gradient,
+    expected_step_gradient,
+)
 
 EXACT, BIASED, NOT_COVERED = "exact", "biased", "not covered"
 
@@ -35,7 +43,7 @@ class AuditRecord:
 
 def audit_record(
     problem: AuditProblem,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     *,
     library: str,
     library_version: str,
@@ -50,12 +58,24 @@ def audit_record(
     notes: list[str] | None = None,
     user_config: bool = False,
     truth=None,
+    step_fn: StepFn | None = None,
+    num_groups: int = 1,
     **spec_extra,
 ) -> AuditRecord:
     """Run one audit cell: exact E[grad loss] against grad KL_seq, as a record. ``reason`` describes the
-    gradient when biased; an exact cell's reason says why it is exact."""
+    gradient when biased; an exact cell's reason says why it is exact.
+
+    With ``step_fn`` (and ``loss_fn=None``) the cell audits a whole training step: the library's own update on a
+    generation batch of ``num_groups`` groups of ``group_size`` (see :func:`expected_step_gradient`)."""
     truth = exact_kl_gradient(problem) if truth is None else truth
-    result = compare(expected_gradient(problem, loss_fn, group_size), truth, scale)
+    if step_fn is not None:
+        if loss_fn is not None:
+            raise ValueError("pass loss_fn or step_fn, not both")
+        estimate = expected_step_gradient(problem, step_fn, num_groups=num_groups, group_size=group_size)
+        spec_extra = {"step": True, "num_groups": num_groups, **spec_extra}
+    else:
+        estimate = expected_gradient(problem, loss_fn, group_size)
+    result = compare(estimate, truth, scale)
     spec = {**problem.spec.as_dict(), "group_size": group_size, "scale": scale, **spec_extra}
     return AuditRecord(
         library=library, library_version=library_version, configuration=configuration, mode=mode,

@@ -104,7 +104,7 @@ def test_errors_are_clear():
     x = torch.zeros(2, 3, dtype=f64)
     mask = torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="needs group_ids"):
-        terms.kl_rtg_loss(x, x, mask, beta=1.0)
+        terms.kl_rtg_loss(x, x, mask, beta=1.0, baseline="sequence-loo")
     with pytest.raises(ValueError, match=r"group_ids has shape \(3,\)"):
         terms.kl_advantage(x, x, mask, beta=1.0, group_ids=torch.tensor([0, 0, 1]))
     with pytest.raises(TypeError, match="integer tensor"):
@@ -156,7 +156,8 @@ def test_rtg_loss_numerics(batch, time, data, dtype, off_policy, truncation):
                              group_ids=torch.zeros(batch, dtype=torch.long), normalizer="tokens")
     loss.backward()
     assert torch.isfinite(loss)
-    assert torch.isfinite(logp.grad.float()).all()
+    # in the input's own dtype: a float64 gradient may legitimately exceed float32's range
+    assert torch.isfinite(logp.grad).all()
     assert (logp.grad[~mask] == 0).all()
     advantage = terms.kl_advantage(logp, ref, mask, beta=1.0, group_ids=torch.zeros(batch, dtype=torch.long))
     assert torch.isfinite(advantage).all()
@@ -170,7 +171,8 @@ def test_precomputed_baseline_tensor_matches_leave_one_out_and_is_checked():
     weighted = terms.prefix_importance_weights(logp, behaviour, mask) * terms.masked_log_ratio(logp, ref, mask)
     b = terms.leave_one_out_baseline(weighted.sum(-1), groups)
     given = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, baseline=b)
-    loo = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, group_ids=groups)
+    loo = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, group_ids=groups,
+                                 baseline="sequence-loo")
     assert torch.allclose(given, loo, rtol=0, atol=1e-15)
-    with pytest.raises(ValueError, match=r"baseline tensor must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"baseline tensor must have shape \(4,\) or \(4, 3\)"):
         terms.rtg_coefficients(logp, ref, mask, baseline=b[:3])
