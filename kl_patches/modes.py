@@ -43,3 +43,28 @@ def mode_from_env(environ: Mapping[str, str] | None = None) -> str | None:
         return validate_mode(value)
     except KLModeError as err:
         raise KLModeError(f"{ENV_VAR}={value!r}: {err}") from None
+
+
+_CONFLICTS_SAID: set[tuple[str, str, str]] = set()
+
+
+def resolve_mode(explicit: str | None, where: str, *, default: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """The one precedence rule of every adapter: an explicit configuration beats ``KL_PATCHES_MODE``, which beats
+    ``default``. Returns ``(mode, origin)`` with origin ``where`` (e.g. "GRPOConfig.kl_mode"), ``KL_PATCHES_MODE``
+    or "default". A conflict (both set, different) is said once per process, as a warning naming both."""
+    import warnings
+
+    from_env = mode_from_env(environ)
+    if explicit is not None:
+        explicit = validate_mode(explicit)
+        if from_env is not None and from_env != explicit:
+            key = (where, explicit, from_env)
+            if key not in _CONFLICTS_SAID:
+                _CONFLICTS_SAID.add(key)
+                warnings.warn(f"{where}={explicit!r} overrides {ENV_VAR}={from_env!r} (an explicit configuration "
+                              f"beats the environment)", UserWarning, stacklevel=2)
+        return explicit, where
+    if from_env is not None:
+        return from_env, ENV_VAR
+    return (validate_mode(default) if default is not None else None), "default"
