@@ -51,6 +51,8 @@ def check_finite(mask: Tensor, **named: Tensor | None) -> None:
     for name, tensor in named.items():
         if tensor is None:
             continue
+        if tensor.shape != mask.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(mask.shape)}")
         bad = mask & ~torch.isfinite(tensor.detach())
         if bool(bad.any()):
             rows = torch.nonzero(bad.any(dim=-1)).flatten().tolist()

@@ -230,15 +230,21 @@ def accumulated_grad(parameters: list[Tensor], reset: bool = True) -> Tensor:
     return flat
 
 
-def step_batch(problem: AuditProblem, rows: Tensor, group_size: int) -> AuditBatch:
+def step_batch(problem: AuditProblem, rows: Tensor, group_size: int,
+               detached: tuple[Tensor, Tensor] | None = None) -> AuditBatch:
     """A fresh training batch of the enumerated responses ``rows`` (groups of ``group_size`` consecutive rows),
-    with ``logp`` recomputed on its own graph: a step function may backpropagate through it freely."""
+    with ``logp`` recomputed on its own graph: a step function may backpropagate through it freely.
+    ``detached``: the (reference, behaviour) log-probs of every enumerated response, when already computed."""
     tokens, mask = problem.tokens[rows], problem.mask[rows]
     logp = problem.policy.token_logprobs(tokens, mask)
-    with torch.no_grad():
-        ref_logp = problem.reference.token_logprobs(tokens, mask)
-        behaviour_logp = (logp.detach() if problem.on_policy
-                          else problem.behaviour.token_logprobs(tokens, mask))
+    if detached is None:
+        with torch.no_grad():
+            ref_logp = problem.reference.token_logprobs(tokens, mask)
+            behaviour_logp = (logp.detach() if problem.on_policy
+                              else problem.behaviour.token_logprobs(tokens, mask))
+    else:
+        ref_logp = detached[0][rows]
+        behaviour_logp = logp.detach() if problem.on_policy else detached[1][rows]
     return AuditBatch(tokens, mask, logp, ref_logp, behaviour_logp,
                       torch.arange(rows.numel() // group_size).repeat_interleave(group_size), rows,
                       group_size, problem.on_policy)
@@ -267,13 +273,13 @@ def expected_step_gradient(
         raise ValueError(f"num_groups and group_size must be >= 1, got {num_groups} and {group_size}")
     parameters = problem.parameters()
     with torch.no_grad():
-        _, _, _, weights = enumerated_logprobs(problem)
+        _, ref_logp, behaviour_logp, weights = enumerated_logprobs(problem)
     size = num_groups * group_size
     members, batch_weights, exact = sampling_groups(weights, size, max_batches, samples, seed)
     gradients = []
     total = None
     for rows, weight in zip(members, batch_weights):
-        gradient = step_fn(step_batch(problem, rows, group_size)).detach()
+        gradient = step_fn(step_batch(problem, rows, group_size, (ref_logp, behaviour_logp))).detach()
         if gradient.shape != (sum(p.numel() for p in parameters),):
             raise ValueError(f"step_fn must return the flat gradient of the policy's parameters, got "
                              f"shape {tuple(gradient.shape)}")

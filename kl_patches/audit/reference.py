@@ -98,10 +98,11 @@ def mode_k1_in_reward(batch: AuditBatch) -> Tensor:
     return policy_gradient(batch, advantage)
 
 
-def mode_k1_rtg_loss(truncation: float | None = None, per_sequence_mean: bool = False):
+def mode_k1_rtg_loss(truncation: float | None = None, per_sequence_mean: bool = False,
+                     baseline: str = terms.DEFAULT_RTG_BASELINE):
     def loss(batch: AuditBatch) -> Tensor:
         per_row = terms.kl_rtg_loss(
-            batch.logp, batch.ref_logp, batch.mask, beta=1.0, group_ids=batch.group_ids,
+            batch.logp, batch.ref_logp, batch.mask, beta=1.0, group_ids=batch.group_ids, baseline=baseline,
             behaviour_logp=None if batch.on_policy else batch.behaviour_logp,
             truncation=None if batch.on_policy else truncation, reduction="none",
         )
@@ -196,15 +197,129 @@ CELLS: tuple[ReferenceCell, ...] = (
                   f"off-policy use {K1_RTG_LOSS}.",
                   mode=K1_IN_REWARD, group_size=2, fix=f"kl-patches mode {K1_RTG_LOSS}"),
     ReferenceCell("k1-rtg-loss (kl-patches)", "k1", "loss", mode_k1_rtg_loss(),
-                  "reward-to-go score-function surrogate with a leave-one-out baseline: exact.",
+                  "reward-to-go score-function surrogate (no baseline, the measured default): exact.",
                   "per-decision prefix weights rho_{1:t'} make the reward-to-go surrogate exact under mu.",
+                  mode=K1_RTG_LOSS, group_size=2),
+    ReferenceCell("k1-rtg-loss, sequence leave-one-out baseline", "k1", "loss",
+                  mode_k1_rtg_loss(baseline="sequence-loo"),
+                  "the others' mean weighted sequence KL as baseline (whole group): exact.",
+                  "the others' mean weighted sequence KL, times rho_{1:t}: exact under mu.",
+                  mode=K1_RTG_LOSS, group_size=2),
+    ReferenceCell("k1-rtg-loss, position leave-one-out baseline", "k1", "loss",
+                  mode_k1_rtg_loss(baseline="position-loo"),
+                  "the others' mean reward-to-go at the same position as baseline (whole group): exact.",
+                  "the others' mean weighted reward-to-go at the same position, times rho_{1:t}: exact under mu.",
                   mode=K1_RTG_LOSS, group_size=2),
 )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Step cells: the whole generation batch through a training step that sorts rows by length and splits them into
+# micro-batches (verl balance_batch, dynamic batch sizes), accumulating micro-batch gradients. They show what a
+# run adds to the formula (kl-gradients.md section 8): statistics and normalisers taken inside the step.
+# --------------------------------------------------------------------------------------------------------------
+
+STEP_GROUP_SIZE = 3  # one group of 3 responses per generation batch: 343 enumerated batches at vocab 3, horizon 2
+STEP_MICRO_BATCH = 2  # micro-batches of 2 after sorting by length: the shortest two share one
+STEP_MAX_HORIZON = 2  # step cells enumerate every ordered batch: keep the response set small
+
+
+@dataclass(frozen=True)
+class StepCell:
+    configuration: str
+    statistics: str  # "whole-batch" (group_statistics before the split) or "micro-batch" (inside each split)
+    baseline: str
+    normalizer: str  # "fixed" (sequences x max length) or "tokens" (the realised token count)
+    reason_on: str
+    reason_off: str
+    fix: str | None = None
+    mode: str = K1_RTG_LOSS
+
+
+def step_function(problem: AuditProblem, cell: StepCell):
+    """The cell's training step on a whole generation batch: statistics, sort by length, micro-batch, accumulate."""
+    from kl_patches import statistics
+    from kl_patches.audit.engine import flat_grad
+
+    parameters = problem.parameters()
+    length = problem.tokens.shape[1]
+
+    def step(batch: AuditBatch) -> Tensor:
+        behaviour = None if batch.on_policy else batch.behaviour_logp
+        whole = statistics.group_statistics(batch.behaviour_logp, batch.ref_logp, batch.mask, batch.group_ids,
+                                            rtg_baseline=cell.baseline)
+        fixed = statistics.FixedNormalizer(length).constant(batch.tokens.shape[0])
+        order = torch.argsort(batch.mask.sum(-1), stable=True)
+        total = 0.0
+        for rows in order.split(STEP_MICRO_BATCH):
+            baseline = whole.select(rows).rtg_baseline if cell.statistics == "whole-batch" else cell.baseline
+            loss = terms.kl_rtg_loss(
+                batch.logp[rows], batch.ref_logp[rows], batch.mask[rows], beta=1.0, group_ids=batch.group_ids[rows],
+                baseline=baseline, behaviour_logp=None if behaviour is None else behaviour[rows],
+                normalizer=fixed if cell.normalizer == "fixed" else "tokens")
+            if cell.normalizer == "tokens":  # each micro-batch's share of the step, as token-mean libraries weight it
+                loss = loss * batch.mask[rows].sum() / batch.mask.sum().clamp(min=1)
+            total = total + loss
+        return flat_grad(total, parameters)
+
+    return step
+
+
+STEP_CELLS: tuple[StepCell, ...] = (
+    StepCell("step: k1-rtg-loss, length-sorted micro-batches, fixed normaliser (kl-patches)", "whole-batch", "none",
+             "fixed", "no cross-row statistic and a constant normaliser: any order and split give the same gradient.",
+             "per-decision weights per row, a constant normaliser: exact whatever the split."),
+    StepCell("step: position leave-one-out from the whole batch, length-sorted micro-batches", "whole-batch",
+             "position-loo", "fixed", "the baseline is computed before the split and travels with the rows: exact.",
+             "the baseline is computed before the split and travels with the rows: exact under mu."),
+    StepCell("step: leave-one-out inside each length-sorted micro-batch", "micro-batch", "sequence-loo", "fixed",
+             "which rows share a micro-batch depends on their lengths, so the baseline depends on the sample.",
+             "which rows share a micro-batch depends on their lengths, so the baseline depends on the sample.",
+             fix="compute baselines over the whole generation batch (kl_patches.statistics.group_statistics)"),
+    StepCell("step: realised token count as normaliser", "whole-batch", "none", "tokens",
+             "dividing by the batch's realised token count is a ratio estimator: biased by O(1/N).",
+             "dividing by the batch's realised token count is a ratio estimator: biased by O(1/N).",
+             fix="a normaliser fixed before sampling (sequences x max length)"),
+)
+
+
+def run_steps(spec: PolicySpec, regimes: tuple[str, ...] = ("on", "off")) -> list[AuditRecord]:
+    """Audit every step cell (on the spec with its horizon capped at :data:`STEP_MAX_HORIZON`)."""
+    from dataclasses import replace
+
+    import kl_patches
+
+    step_spec = replace(spec, horizon=min(spec.horizon, STEP_MAX_HORIZON))
+    records = []
+    for regime in regimes:
+        problem = build_problem(step_spec, off_policy=regime == "off")
+        truth = exact_kl_gradient(problem)
+        mean_length = _expected_length(problem)
+        for cell in STEP_CELLS:
+            fixed = cell.normalizer == "fixed"
+            records.append(audit_record(
+                problem, None, step_fn=step_function(problem, cell), num_groups=1, group_size=STEP_GROUP_SIZE,
+                library="core", library_version=kl_patches.__version__, configuration=cell.configuration,
+                estimator="k1", placement="loss", mode=cell.mode, truth=truth, fix=cell.fix,
+                scale=1.0 / (problem.tokens.shape[1] if fixed else mean_length),
+                reason=cell.reason_on if regime == "on" else cell.reason_off,
+                micro_batch=STEP_MICRO_BATCH, order="sorted by length",
+            ))
+    return records
+
+
+def _expected_length(problem: AuditProblem) -> float:
+    """E[|y|] under the sampling policy: the nominal constant a realised-token normaliser stands for."""
+    from kl_patches.audit.engine import enumerated_logprobs
+
+    with torch.no_grad():
+        *_, weights = enumerated_logprobs(problem)
+    return float((weights * problem.mask.sum(-1).to(weights.dtype)).sum())
+
+
 def run_reference(spec: PolicySpec, cells: tuple[ReferenceCell, ...] = CELLS,
-                  regimes: tuple[str, ...] = ("on", "off")) -> list[AuditRecord]:
-    """Audit every reference cell on the policy ``spec``, on- and off-policy."""
+                  regimes: tuple[str, ...] = ("on", "off"), steps: bool = True) -> list[AuditRecord]:
+    """Audit every reference cell on the policy ``spec``, on- and off-policy, then (``steps``) the step cells."""
     import kl_patches
 
     records = []
