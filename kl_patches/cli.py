@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 from typing import IO, Iterator, Sequence
 
 from kl_patches import LIBRARIES, __version__
@@ -30,7 +31,7 @@ DESCRIPTION = "Audit the KL gradients of TRL, verl and OpenRLHF exactly, and lis
 EPILOG = """examples:
   kl-patches check                                   the reference set and every installed library
   kl-patches check --library trl --config my_grpo.yaml
-  kl-patches check --library verl -- actor_rollout_ref.actor.use_kl_loss=True actor_rollout_ref.actor.kl_loss_type=low_var_kl
+  kl-patches check --library verl -- actor_rollout_ref.actor.kl_loss_type=low_var_kl
   kl-patches check --library openrlhf -- --algo.kl.use_loss --algo.kl.estimator k3
   kl-patches check --json | jq .                     stdout is exactly one JSON document
   kl-patches modes
@@ -54,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check", help="audit KL gradients by exact enumeration on a tiny policy",
-        description="Audit the KL gradient of each configuration by exact enumeration of every response of a "
-        "tiny autoregressive policy: relative error, cosine and norm ratio against grad KL(pi || pi_ref) over "
-        "whole responses. " + AFTER_DASHES,
+        description=textwrap.fill(
+            "Audit the KL gradient of each configuration by exact enumeration of every response of a tiny "
+            "autoregressive policy: relative error, cosine and norm ratio against grad KL(pi || pi_ref) over whole "
+            "responses.", 100) + "\n\n" + textwrap.fill(AFTER_DASHES, 100),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("--library", default="all", choices=("all", "core", *LIBRARIES),
