@@ -1,4 +1,4 @@
-"""Render docs/results.md (the README's "Results" section) from the benchmark CSVs: every figure in it is read from
+"""Render docs/results.md (and the README's short RESULTS block) from the benchmark CSVs: every figure in it is read from
 benchmarks/results/*.csv, and every claim it states is computed from them (pass or fail, with the number).
 
     python benchmarks/report.py            # run_all.py calls it last
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 DOC = _common.HERE.parent / "docs" / "results.md"
-IMAGES = "benchmarks/results"  # image links relative to the README, where this section is pasted
+IMAGES = "benchmarks/results"  # image links relative to the repository root (the README's picture)
 README = _common.HERE.parent / "README.md"
 README_BEGIN, README_END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
 README_IMAGE = "bias_table_core.png"  # the README's one picture; the full section lives in docs/results.md
