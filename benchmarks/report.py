@@ -1,5 +1,5 @@
-"""Render docs/results.md (and the README's short RESULTS block) from the benchmark CSVs: every figure in it is read from
-benchmarks/results/*.csv, and every claim it states is computed from them (pass or fail, with the number).
+"""Render docs/results.md (and the README's short RESULTS block) from the benchmark CSVs: every figure in it is read
+from benchmarks/results/*.csv, and every claim it states is computed from them (pass or fail, with the number).
 
     python benchmarks/report.py            # run_all.py calls it last
 """
