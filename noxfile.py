@@ -1,8 +1,11 @@
 """Test sessions: the core alone (no RL library installed), then one virtual environment per library,
 because their pins conflict (verl 0.9 needs transformers < 5.11, OpenRLHF 0.11 pins 5.15).
 
-    python -m pip install nox && python -m nox          # everything, as CI runs it
-    python -m nox -s core                               # one session
+    python3 -m pip install nox && python3 -m nox        # everything, as CI runs it (.ci/run; the README's command)
+    python3 -m nox -s core                              # one session
+
+Python 3.11 only: the package declares >= 3.10 (its sources compile on 3.10), but CI tests 3.11, the one
+interpreter its torch wheels exist for. docs/testing.md says how to test elsewhere, and on GPU machines.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
-CONSTRAINTS = ("-c", "ci/constraints.txt")  # the CPU build of torch; never a pin in the package itself
+# The torch version of the test environments, never a pin in the package itself. Which build (CPU, CUDA) pip
+# installs is pip's choice; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/<cpu|cu128> chooses it.
+CONSTRAINTS = ("-c", "ci/constraints.txt")
 
 
 def install_torch(session: nox.Session) -> None:

@@ -27,6 +27,9 @@ sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they hap
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+#: where ``--quick`` writes unless ``--out`` is given: ignored by git, so a smoke run never replaces (or dirties)
+#: the committed results.
+QUICK_RESULTS = RESULTS / "tmp"
 LIBRARIES = ("trl", "verl", "openrlhf")
 COLUMNS = ("what", "library", "configuration", "metric", "unit", "x_name", "x", "median", "p20", "p80",
            "config", "machine", "versions", "timestamp")
@@ -189,12 +192,27 @@ def number(row: dict, key: str = "median") -> float:
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Resolves the output folder once the other options are known: ``--quick`` defaults to QUICK_RESULTS."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        if getattr(parsed, "out", None) is None:
+            parsed.out = default_out(getattr(parsed, "quick", False))
+        return parsed, extra
+
+
+def default_out(quick: bool) -> Path:
+    return QUICK_RESULTS if quick else RESULTS
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = _Parser(description=description)
     p.add_argument("--quick", action="store_true", help="a smoke run (seconds): tiny grid, few steps")
     p.add_argument("--libraries", nargs="+", metavar="LIB",
                    help="what to measure (core, trl, verl, openrlhf); default: core and every installed library")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default {RESULTS}; with --quick {QUICK_RESULTS}, ignored by git)")
     p.add_argument("--no-plot", action="store_true", help="write the CSV only (run_all plots in the core venv)")
     p.add_argument("--plot-only", action="store_true", help="redraw the plots from the CSV, measure nothing")
     return p

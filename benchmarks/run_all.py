@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py                                   # from the core environment
     python benchmarks/run_all.py --python trl=/path/to/trl-venv/bin/python --python verl=... --python openrlhf=...
-    python benchmarks/run_all.py --quick                           # smoke run of the whole pipeline (~1 minute)
+    python benchmarks/run_all.py --quick                           # smoke run of the whole pipeline (~1 minute),
+                                                                   # written to benchmarks/results/tmp/ (ignored)
 
 Each library lives in a virtual environment of its own (their pins conflict), so the per-library parts run
 inside the library's interpreter: the one given with ``--python LIB=PATH``, else ``$KL_PATCHES_BENCH_PYTHON_<LIB>``,
@@ -78,9 +79,12 @@ def main(argv=None) -> int:
                         help="the interpreter of a library's environment (repeatable)")
     parser.add_argument("--only", nargs="+", choices=list(SCRIPTS), help="run only these scripts")
     parser.add_argument("--libraries", nargs="+", metavar="LIB", help="measure only these (core, trl, verl, openrlhf)")
-    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default {_common.RESULTS}; with --quick {_common.QUICK_RESULTS} (ignored by git)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = _common.default_out(args.quick)
     given = {}
     for item in args.python:
         library, _, path = item.partition("=")
@@ -115,7 +119,9 @@ def main(argv=None) -> int:
         if run_script(sys.executable, script, ["--plot-only", "--out", str(args.out)], log):
             failures.append(f"{script} --plot-only")
     if not args.no_docs:
-        if run_script(sys.executable, "report", ["--out", str(args.out)], log):
+        # A smoke run's report goes beside its CSVs: docs/results.md and the README describe the committed results.
+        doc = ["--doc", str(args.out / "results.md")] if args.quick else []
+        if run_script(sys.executable, "report", ["--out", str(args.out), *doc], log):
             failures.append("report")
 
     print("\n== summary ==")

@@ -1,12 +1,15 @@
 """Smoke runs of the benchmark scripts in their --quick modes: each runs, covers core, says which libraries it
-skipped, and writes its CSV rows (in the documented columns) and its PNG plots. Benchmark numbers are never
-asserted on here: only that the measurements were made and written."""
+skipped, and writes its CSV rows (in the documented columns) and its PNG plots -- into benchmarks/results/tmp/
+(ignored by git), never over the committed results: the working tree is left exactly as it was. Benchmark numbers
+are never asserted on here: only that the measurements were made and written."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
+QUICK = BENCHMARKS / "results" / "tmp"  # where --quick writes without --out
 LIBRARIES = ("trl", "verl", "openrlhf")
 COLUMNS = ["what", "library", "configuration", "metric", "unit", "x_name", "x", "median", "p20", "p80", "config",
            "machine", "versions", "timestamp"]
@@ -50,18 +54,49 @@ def coverage_line(output: str, script: str) -> str:
     return lines[0]
 
 
+def committed_state() -> tuple[str | None, dict[str, str]]:
+    """`git status --porcelain` (None outside a git checkout) and the hashes of every published result file."""
+    published = [*sorted((BENCHMARKS / "results").glob("*.*")), ROOT / "docs" / "results.md", ROOT / "README.md"]
+    hashes = {str(path.relative_to(ROOT)): hashlib.sha256(path.read_bytes()).hexdigest()
+              for path in published if path.is_file()}
+    status = None
+    if shutil.which("git") and (ROOT / ".git").exists():
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    return status, hashes
+
+
+@pytest.fixture
+def untouched_checkout():
+    """A quick run leaves the checkout as it found it: on a clean clone (CI), `git status --porcelain` stays
+    empty; on a working copy with edits, those edits and nothing else; published results byte for byte."""
+    before = committed_state()
+    yield
+    after = committed_state()
+    assert after[1] == before[1], "a quick run changed published results"
+    assert after[0] == before[0], f"a quick run changed the working tree:\n{after[0]}"
+
+
 @pytest.fixture(scope="module")
 def plotting():
     if importlib.util.find_spec("matplotlib") is None:
         pytest.fail("matplotlib is needed to draw the benchmark plots: it belongs to the test extra")
 
 
+def fresh_quick_outputs(*names: str) -> None:
+    for name in names:
+        (QUICK / name).unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("script", sorted(CORE_OUTPUTS))
-def test_quick_run_writes_core_rows_and_plots(script, tmp_path, plotting):
-    result = run(script, "--quick", "--libraries", "core", "--out", str(tmp_path))
-    assert "core" in coverage_line(result.stdout, script).split("skipped:")[0]
-    rows = read(tmp_path / f"{script}.csv")
+def test_quick_run_writes_core_rows_and_plots(script, plotting, untouched_checkout):
+    """Without --out, as a user types it: the outputs land in benchmarks/results/tmp/."""
     expected, images = CORE_OUTPUTS[script]
+    fresh_quick_outputs(f"{script}.csv", *images)
+    result = run(script, "--quick", "--libraries", "core")
+    assert "core" in coverage_line(result.stdout, script).split("skipped:")[0]
+    tmp_path = QUICK
+    rows = read(tmp_path / f"{script}.csv")
     assert {row["library"] for row in rows} == {"core"}
     assert expected <= {row["what"] for row in rows}
     for row in rows:
@@ -103,8 +138,10 @@ def test_rows_of_other_libraries_are_kept(tmp_path):
     assert [row for row in rows if row["library"] == "core"]
 
 
-def test_trl_run_says_what_it_skipped_or_writes_rows(tmp_path, plotting):
-    result = run("trl_run", "--quick", "--out", str(tmp_path), timeout=300)
+def test_trl_run_says_what_it_skipped_or_writes_rows(plotting, untouched_checkout):
+    tmp_path = QUICK
+    fresh_quick_outputs("trl_run.csv", "trl_run.png")
+    result = run("trl_run", "--quick", timeout=300)
     line = coverage_line(result.stdout, "trl_run")
     if importlib.util.find_spec("trl") is None:
         assert "skipped: trl (trl is not installed" in line
@@ -115,22 +152,44 @@ def test_trl_run_says_what_it_skipped_or_writes_rows(tmp_path, plotting):
         assert (tmp_path / "trl_run.png").exists()
 
 
-def test_run_all_and_report_regenerate_everything(tmp_path, plotting):
-    """The one command: every script (core part here), the plots from the merged CSVs, then the Results section."""
-    doc = tmp_path / "results.md"
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--libraries", "core",
-                             "--out", str(tmp_path), "--no-docs"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+def test_run_all_and_report_regenerate_everything(tmp_path, plotting, untouched_checkout):
+    """The one command: every script (core part here), the plots from the merged CSVs, then the Results section --
+    of a quick run, beside its CSVs in benchmarks/results/tmp/, never docs/results.md or the README."""
+    fresh_quick_outputs("results.md", *(f"{script}.csv" for script in CORE_OUTPUTS),
+                        *(image for _, images in CORE_OUTPUTS.values() for image in images))
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--quick", "--libraries", "core"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     for script in CORE_OUTPUTS:
-        assert (tmp_path / f"{script}.csv").exists()
+        assert (QUICK / f"{script}.csv").exists()
         for image in CORE_OUTPUTS[script][1]:
-            assert (tmp_path / image).exists()
+            assert (QUICK / image).exists()
     assert "== summary ==" in result.stdout
-    readme = (ROOT / "README.md").read_text()
-    run("report", "--out", str(tmp_path), "--doc", str(doc))
-    assert (ROOT / "README.md").read_text() == readme  # a report of quick runs never rewrites the README
-    text = doc.read_text()
+    text = (QUICK / "results.md").read_text()
     for heading in ("### 1.", "### 2.", "### 3.", "### 4.", "### 5."):
         assert heading in text
     assert "python benchmarks/run_all.py" in text
+    # report.py alone, elsewhere: also never the README.
+    doc = tmp_path / "results.md"
+    run("report", "--out", str(QUICK), "--doc", str(doc))
+    assert "### 5." in doc.read_text()
+
+
+def test_report_fills_the_readme_block_between_its_markers(tmp_path):
+    """report.py keeps the README's RESULTS block (one picture and the link to docs/results.md) generated: the
+    markers are there once, in order, and a report touches nothing outside them."""
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+    assert readme.count(begin) == 1 and readme.count(end) == 1 and readme.index(begin) < readme.index(end)
+    copy = tmp_path / "README.md"
+    block = readme[readme.index(begin) + len(begin):readme.index(end)]
+    copy.write_text(readme.replace(block, "\nSTALE-BLOCK-SENTINEL\n"))
+    run("report", "--out", str(BENCHMARKS / "results"), "--doc", str(tmp_path / "results.md"), "--readme", str(copy))
+    text = copy.read_text()
+    assert "STALE-BLOCK-SENTINEL" not in text
+    assert text[:text.index(begin)] == readme[:readme.index(begin)]
+    assert text[text.index(end):] == readme[readme.index(end):]
+    block = text[text.index(begin):text.index(end)]
+    assert "(docs/results.md)" in block
+    for image in [part.split(")")[0] for part in block.split("](")[1:] if part.split(")")[0].endswith(".png")]:
+        assert (ROOT / image).is_file(), image
