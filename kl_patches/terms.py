@@ -260,8 +260,6 @@ def rtg_coefficients(
     micro-batch does not, when the library groups rows by length.
     """
     check_inputs(logp, ref_logp, mask)
-    if behaviour_logp is not None and behaviour_logp.shape != logp.shape:  # before check_finite indexes with mask
-        raise ValueError(f"behaviour_logp has shape {tuple(behaviour_logp.shape)}, expected {tuple(logp.shape)}")
     check_finite(mask, logp=logp, ref_logp=ref_logp, behaviour_logp=behaviour_logp)
     baseline = _canonical_baseline(baseline)
     truncation = check_truncation(truncation)
