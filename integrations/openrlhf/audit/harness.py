@@ -278,6 +278,9 @@ def openrlhf_loss(args, *, kl_coef: float = 1.0, normalizer: float | None = None
         local = copies.get(batch.group_size)
         if local is None:
             local = copies[batch.group_size] = rollout_args(args, batch.group_size)
+            # k1-rtg-loss's fixed C = --train.batch_size x --rollout.max_new_tokens: one group is one optimizer step
+            # here, so C = its number of responses (x 1) keeps this helper's per-response mean
+            local.train.batch_size, local.rollout.max_new_tokens = batch.group_size, 1
         experience = reward_path(batch, local, kl_coef, copy_args=False)
         return plain(training_loss(batch, local, experience, kl_coef, normalizer))
 
@@ -417,12 +420,16 @@ class _EmulatedDeepSpeed:
         self.accumulated_gradient = max(args.train.batch_size // args.train.micro_batch_size // world, 1)
         self.gas = 1 if args.train.dynamic_batch_enable else self.accumulated_gradient  # OpenRLHF's ds_config
         self.ds_device_mesh = _Mesh()
+        self.micro_steps = 0
 
     def backward(self, loss, model, optimizer) -> None:
         (loss / self.gas).backward()
+        self.micro_steps += 1
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        self.step_barrier.wait()  # every rank's backward of this step is done; the barrier's action recorded it
+        # DeepSpeed's engine.step() only updates at a gradient-accumulation boundary (every gas micro-batches)
+        if self.micro_steps % self.gas == 0:
+            self.step_barrier.wait()  # every rank's backward of this step is done; the barrier's action records it
 
     def moving_average(self, *args, **kwargs) -> None:
         pass

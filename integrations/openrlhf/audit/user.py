@@ -61,10 +61,8 @@ def unmodelled(args) -> list[str]:
 
 
 def step_sizes(args, plan_ranks: int) -> list[str]:
-    """Sizes of an enumerable generation batch (2 prompts x 2 responses, at most 3 tokens) with the structure of the
+    """Sizes of an enumerable generation batch (2 prompts x 2 responses, at most 2 tokens) with the structure of the
     user's: several optimizer steps per rollout if the user has them, up to 2 epochs, accumulation, up to 2 ranks."""
-    from kl_patches.integrations.openrlhf import config
-
     rows = STEP_GROUPS * GROUP_SIZE
     ranks = plan_ranks
     several_steps = args.rollout.batch_size * args.rollout.n_samples_per_prompt > args.train.batch_size
@@ -75,7 +73,6 @@ def step_sizes(args, plan_ranks: int) -> list[str]:
              str(min(args.train.max_epochs, 2)), "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(ranks)]
     if args.train.dynamic_batch_enable:
         sizes += ["--train.max_tokens_per_gpu", "4"]
-    del config
     return sizes
 
 

@@ -150,7 +150,8 @@ def test_kl_patches_mode_applies_when_no_flag_is_given(captured):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--train.async_enable"], "--train.async_enable"),
-    (["--algo.dynamic_filtering_enable", "--rollout.n_samples_per_prompt", "2", "--algo.advantage.estimator", "rloo"],
+    (["--algo.dynamic_filtering_enable", "--reward.remote_url", "http://rm", "--rollout.n_samples_per_prompt", "2",
+      "--algo.advantage.estimator", "rloo"],
      "dynamic filtering"),
     (["--rollout.top_p", "0.9"], "top_p"),
 ])
