@@ -301,6 +301,9 @@ def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPla
         notes.append(f"KL normaliser C = --train.batch_size {args.train.batch_size} x {response_length(args)} "
                      f"(max response length) = {normalizer:g}, fixed before sampling (OpenRLHF's token count is "
                      f"undone on the KL part)")
+        if args.ds.ring_attn_size > 1 or args.ds.tensor_parallel_size > 1:
+            notes.append("warning: --ds.ring_attn_size / --ds.tensor_parallel_size > 1 are not covered by kl-patches' "
+                         "step audit (kl-patches check reports them as not covered)")
         if records_sampler_log_probs(args):
             mu_source = "rollout_log_probs"
         else:

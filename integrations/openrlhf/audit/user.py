@@ -22,7 +22,7 @@ from typing import Sequence
 
 from kl_patches.audit import AuditRecord, PolicySpec
 from kl_patches.audit.records import NOT_COVERED
-from kl_patches.integrations.openrlhf.audit.cells import GROUP_SIZE, STEP_GROUPS, StepCell
+from kl_patches.integrations.openrlhf.audit.cells import GROUP_SIZE, STEP_GROUPS, STEP_HORIZON, StepCell
 from kl_patches.integrations.openrlhf.audit.harness import BASE_ARGV, LIBRARY_NAME, StepSetup
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, KLModeError
 from kl_patches.patching import installed_version
@@ -69,7 +69,9 @@ def step_sizes(args, plan_ranks: int) -> list[str]:
     train_batch = rows // 2 if several_steps else rows
     accumulates = args.train.batch_size // max(args.train.micro_batch_size * ranks, 1) > 1
     micro = 1 if accumulates or train_batch // ranks < 1 else train_batch // ranks
-    sizes = ["--train.batch_size", str(train_batch), "--train.micro_batch_size", str(micro), "--train.max_epochs",
+    sizes = ["--rollout.n_samples_per_prompt", str(GROUP_SIZE), "--rollout.batch_size", str(STEP_GROUPS),
+             "--rollout.micro_batch_size", "1", "--rollout.vllm_generate_batch_size", str(STEP_GROUPS),
+             "--rollout.max_new_tokens", str(STEP_HORIZON), "--train.batch_size", str(train_batch), "--train.micro_batch_size", str(micro), "--train.max_epochs",
              str(min(args.train.max_epochs, 2)), "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(ranks)]
     if args.train.dynamic_batch_enable:
         sizes += ["--train.max_tokens_per_gpu", "4"]
@@ -117,7 +119,7 @@ def audit_user(spec: PolicySpec, argv: list[str], notes: list[str]) -> list[Audi
     regimes: list[tuple[str, StepSetup]] = [("on", StepSetup(ranks=ranks))]
     if several_steps:
         regimes.append(("off", StepSetup(ranks=ranks, actor_log_probs="current" if async_run else "sampler")))
-    if args.vllm.num_engines > 0 and not async_run:
+    if (args.vllm.num_engines or 0) > 0 and not async_run:
         regimes.append(("mismatch", StepSetup(ranks=ranks, actor_log_probs="current")))
     elif async_run and not several_steps:
         regimes.append(("off", StepSetup(ranks=ranks, actor_log_probs="current")))

@@ -54,7 +54,7 @@ def test_each_generation_batch_gives_the_core_surrogate_over_C(extra, setup):
 def test_the_normaliser_is_the_configured_constant_not_the_token_count():
     """Two batches with different token counts: the KL gradient per response is the same beta/C multiple."""
     problem, short, args = batch_and_args(rows=(0, 0, 0, 0))  # four 1-token responses
-    _, long, _ = batch_and_args(rows=(2, 2, 2, 2))  # four 2-token responses
+    long = step_batch(problem, torch.tensor([2, 2, 2, 2]), 2)  # four 2-token responses
     assert short.mask.sum() == 4 and long.mask.sum() == 8
     adapter.enable("k1-rtg-loss")
     assert fixed_normalizer(args) == 4 * 2  # --train.batch_size x --rollout.max_new_tokens
