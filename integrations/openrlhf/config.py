@@ -183,8 +183,12 @@ def records_sampler_log_probs(args) -> bool:
     """OpenRLHF asks vLLM for its (processed, after temperature) log-probs of the sampled tokens and keeps them as
     ``Experience.rollout_log_probs`` only when ``--algo.advantage.is_correction_level`` is not ``off``. No flag
     records them without also turning on OpenRLHF's TIS/mask correction of the policy loss, so kl-patches does not
-    turn it on for the user: it refuses (async) or warns (sync)."""
-    return args.algo.advantage.is_correction_level != "off"
+    turn it on for the user: it refuses (async) or warns (sync). 0.11.0 - 0.11.1 call the flag
+    --algo.advantage.is_correction_enable."""
+    level = getattr(args.algo.advantage, "is_correction_level", None)
+    if level is not None:
+        return level != "off"
+    return bool(getattr(args.algo.advantage, "is_correction_enable", False))
 
 
 @dataclass
@@ -204,7 +208,7 @@ def refusals(mode: str, args) -> list[Refusal]:
     if mode == LIBRARY:
         return []
     out = []
-    if args.algo.dynamic_filtering_enable:
+    if getattr(args.algo, "dynamic_filtering_enable", False):
         out.append(Refusal(
             "--algo.dynamic_filtering_enable",
             "dynamic filtering drops the prompt groups whose rewards fall outside --algo.dynamic_filtering_range, so "

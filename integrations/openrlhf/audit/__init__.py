@@ -36,8 +36,8 @@ NOTES = (
     "(a loss-level cell; it never certifies), beta = 1",
 )
 STEP_NOTES = (
-    "every configuration: OpenRLHF's ActorPPOTrainer.ppo_train on a whole generation batch (NaiveReplayBuffer, shuffling "
-    "DataLoader, packing, setup_dynamic_batch, balance_experiences, iter_grad_accum_global_norm, training_step, "
+    "every configuration: OpenRLHF's ActorPPOTrainer.ppo_train on a whole generation batch (NaiveReplayBuffer, "
+    "shuffling "    "DataLoader, packing, setup_dynamic_batch, balance_experiences, iter_grad_accum_global_norm, training_step, "
     "PolicyLoss); ranks run as threads with in-process collectives; only DeepSpeed is emulated (backward / gas, "
     "optimizer step = the ranks' averaged gradient, weights not moved); make_experience's two KL lines are mirrored "
     "(it needs Ray actor groups); beta = 1, task reward 0",

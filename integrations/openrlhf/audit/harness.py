@@ -480,7 +480,9 @@ def _sample_experiences(batch: AuditBatch, args, policy_logp: Tensor, setup: Ste
     rows, horizon = batch.mask.shape
     sampler = batch.behaviour_logp.detach()
     actor_lp = sampler if setup.actor_log_probs == "sampler" else policy_logp.detach()
-    correction = args.algo.advantage.is_correction_level != "off"
+    from kl_patches.integrations.openrlhf.config import records_sampler_log_probs
+
+    correction = records_sampler_log_probs(args)
     experiences = []
     for row in range(rows):
         mask = batch.mask[row:row + 1]

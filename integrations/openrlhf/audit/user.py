@@ -71,7 +71,8 @@ def step_sizes(args, plan_ranks: int) -> list[str]:
     micro = 1 if accumulates or train_batch // ranks < 1 else train_batch // ranks
     sizes = ["--rollout.n_samples_per_prompt", str(GROUP_SIZE), "--rollout.batch_size", str(STEP_GROUPS),
              "--rollout.micro_batch_size", "1", "--rollout.vllm_generate_batch_size", str(STEP_GROUPS),
-             "--rollout.max_new_tokens", str(STEP_HORIZON), "--train.batch_size", str(train_batch), "--train.micro_batch_size", str(micro), "--train.max_epochs",
+             "--rollout.max_new_tokens", str(STEP_HORIZON), "--train.batch_size", str(train_batch),
+             "--train.micro_batch_size", str(micro), "--train.max_epochs",
              str(min(args.train.max_epochs, 2)), "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(ranks)]
     if args.train.dynamic_batch_enable:
         sizes += ["--train.max_tokens_per_gpu", "4"]
@@ -145,7 +146,7 @@ def _reason(plan, regime: str, placement: str) -> str:
                 "ranks.")
     what = {"on": "on-policy", "off": "off-policy (stale sampler)", "mismatch": "vLLM/actor mismatch"}[regime]
     if placement == "reward":
-        return (f"{what}: KL in the reward through the policy loss, divided by the step's realised token count (a ratio "
-                f"estimator); off-policy, the per-token PPO ratio does not correct the prefix distribution.")
+        return (f"{what}: KL in the reward through the policy loss, divided by the step's realised token count (a "
+                f"ratio estimator); off-policy, the per-token PPO ratio does not correct the prefix distribution.")
     return (f"{what}: --algo.kl.use_loss with --algo.kl.estimator {args.algo.kl.estimator}: a per-token KL loss "
             f"(own-token gradient at most), divided by the realised token count.")

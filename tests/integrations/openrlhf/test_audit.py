@@ -100,7 +100,8 @@ def test_user_command_lines_are_audited_through_the_step():
 
 @pytest.mark.parametrize("flags,needle", [
     (["--train.async_enable"], "--train.async_enable"),
-    (["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.1", "0.9", "--reward.remote_url", "http://rm"],
+    (["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", "0.1", "0.9", "--reward.remote_url",
+      "http://rm"],
      "--algo.dynamic_filtering_enable"),
     (["--rollout.top_p", "0.9"], "--rollout.top_p 0.9"),
 ])
