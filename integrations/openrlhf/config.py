@@ -15,11 +15,14 @@ import runpy
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, MODES, KLModeError
+from kl_patches.modes import ENV_VAR, K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, MODES, KLModeError, resolve_mode
 from kl_patches.patching import PatchError, installed_version
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 MODE_FLAG = "--algo.kl.mode"
+TRUNCATION_FLAG = "--algo.kl.truncation"
+OWN_FLAGS = (MODE_FLAG, TRUNCATION_FLAG)
+CORRECTION_FLAG = "--algo.advantage.is_correction_level"
 
 #: Advantage estimators after which the reward-to-go of a per-token k1 reward reaches the policy loss untouched
 #: (a baseline of the task reward only, no whitening of the advantages that carry the KL).
@@ -62,34 +65,55 @@ def openrlhf_parser() -> argparse.ArgumentParser:
 
 
 def launcher_parser() -> argparse.ArgumentParser:
-    """OpenRLHF's parser plus ``--algo.kl.mode``: every train_ppo_ray argument is accepted, unknown ones rejected."""
+    """OpenRLHF's parser plus ``--algo.kl.mode`` and ``--algo.kl.truncation``: every train_ppo_ray argument is
+    accepted, unknown ones rejected."""
     parser = openrlhf_parser()
     parser.prog = "kl-patches-openrlhf"
     parser.description = ("OpenRLHF's train_ppo_ray with the exact sequence-level KL gradient of kl-patches in "
-                          "every Ray process. All train_ppo_ray arguments, plus --algo.kl.mode.")
+                          "every Ray process. All train_ppo_ray arguments, plus --algo.kl.mode and "
+                          "--algo.kl.truncation.")
     parser.add_argument(
-        MODE_FLAG, choices=MODES, default=LIBRARY,
-        help="library: OpenRLHF's own KL, unchanged; k1-in-reward: force the k1 estimator in the reward "
-             "(exact on-policy); k1-rtg-loss: the k1 reward-to-go loss with per-decision importance weights "
-             "(exact on- and off-policy; turns on --algo.kl.use_loss)",
+        MODE_FLAG, choices=MODES, default=None,
+        help=f"library (default, or {ENV_VAR}): OpenRLHF's own KL, unchanged; k1-in-reward: force the k1 estimator "
+             "in the reward (exact on-policy); k1-rtg-loss: the k1 reward-to-go loss with per-decision importance "
+             "weights from vLLM's log-probs (exact on- and off-policy; turns on --algo.kl.use_loss). An explicit "
+             f"value beats {ENV_VAR}",
+    )
+    parser.add_argument(
+        TRUNCATION_FLAG, type=float, default=None,
+        help="k1-rtg-loss: truncate the per-decision importance weights at this value (> 1; lower variance, a "
+             "bias; default: none, exact)",
     )
     return parser
 
 
 def strip_mode(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--algo.kl.mode X`` / ``--algo.kl.mode=X`` (OpenRLHF does not know the flag)."""
+    """``argv`` without kl-patches' own flags (``--algo.kl.mode X``, ``--algo.kl.truncation X``, or ``=X``):
+    OpenRLHF does not know them."""
     out, skip = [], False
     for index, item in enumerate(argv):
         if skip:
             skip = False
             continue
-        if item == MODE_FLAG:
+        if item in OWN_FLAGS:
             skip = index + 1 < len(argv)
             continue
-        if item.startswith(MODE_FLAG + "="):
+        if item.split("=", 1)[0] in OWN_FLAGS and "=" in item:
             continue
         out.append(item)
     return out
+
+
+def explicit_mode(argv: Sequence[str]) -> str | None:
+    """The ``--algo.kl.mode`` value on the command line, None when absent (read before OpenRLHF is imported, so
+    the post-import autoloader already sees the mode that wins)."""
+    value = None
+    for index, item in enumerate(argv):
+        if item == MODE_FLAG and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif item.startswith(MODE_FLAG + "="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 def openrlhf_args(argv: Sequence[str]):
@@ -155,24 +179,98 @@ def reward_path_issues(args) -> list[str]:
     return issues
 
 
+def records_sampler_log_probs(args) -> bool:
+    """OpenRLHF asks vLLM for its (processed, after temperature) log-probs of the sampled tokens and keeps them as
+    ``Experience.rollout_log_probs`` only when ``--algo.advantage.is_correction_level`` is not ``off``. No flag
+    records them without also turning on OpenRLHF's TIS/mask correction of the policy loss, so kl-patches does not
+    turn it on for the user: it refuses (async) or warns (sync). 0.11.0 - 0.11.1 call the flag
+    --algo.advantage.is_correction_enable."""
+    level = getattr(args.algo.advantage, "is_correction_level", None)
+    if level is not None:
+        return level != "off"
+    return bool(getattr(args.algo.advantage, "is_correction_enable", False))
+
+
+@dataclass
+class Refusal:
+    """A configuration kl-patches cannot make exact: why, and what to change."""
+
+    flag: str
+    reason: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.flag}: {self.reason}; fix: {self.fix}"
+
+
+def refusals(mode: str, args) -> list[Refusal]:
+    """Why ``mode`` cannot be exact under ``args`` (empty when it can, or for ``library``)."""
+    if mode == LIBRARY:
+        return []
+    out = []
+    if getattr(args.algo, "dynamic_filtering_enable", False):
+        out.append(Refusal(
+            "--algo.dynamic_filtering_enable",
+            "dynamic filtering drops the prompt groups whose rewards fall outside --algo.dynamic_filtering_range, so "
+            "the KL is taken over a reward-filtered distribution, not over the policy's responses (measured: 0.28 "
+            "relative error with 58 % of groups filtered)",
+            "drop --algo.dynamic_filtering_enable, or run --algo.kl.mode library knowing the KL gradient is biased"))
+    if args.rollout.top_p < 1.0:
+        out.append(Refusal(
+            f"--rollout.top_p {args.rollout.top_p:g}",
+            "nucleus sampling gives zero probability to tokens pi_theta can emit; no importance weight reaches "
+            "them, so the KL gradient misses that mass (measured: 0.63 relative error, corrected or not)",
+            "--rollout.top_p 1.0 (temperature is fine: vLLM's log-probs are taken after it)"))
+    if mode == K1_RTG_LOSS and getattr(args.train, "async_enable", False) and not records_sampler_log_probs(args):
+        out.append(Refusal(
+            "--train.async_enable",
+            "async training samples with older weights than the actor that recomputes action_log_probs, and "
+            "OpenRLHF keeps vLLM's log-probs only with --algo.advantage.is_correction_level on: without them stale "
+            "samples get importance weight 1 (measured: 11 % / 36 % relative error)",
+            f"add {CORRECTION_FLAG} token (vLLM then records its log-probs; k1-rtg-loss takes them as mu)"))
+    if mode == K1_IN_REWARD and getattr(args.train, "async_enable", False):
+        out.append(Refusal(
+            "--train.async_enable",
+            "k1-in-reward is exact on-policy only, and async training trains on samples from older weights",
+            f"{MODE_FLAG} k1-rtg-loss with {CORRECTION_FLAG} token"))
+    return out
+
+
 @dataclass
 class LaunchPlan:
-    """What the launcher will run: the mode, OpenRLHF's argv, its parsed arguments and what was changed or noted."""
+    """What the launcher will run: the mode (and where it came from), OpenRLHF's argv, its parsed arguments, what
+    was changed or noted, and what makes the mode inexact (``refused``; :func:`plan` raises on it when strict)."""
 
     mode: str
     argv: list[str]
     args: object
     notes: list[str] = field(default_factory=list)
+    origin: str = "default"
+    truncation: float | None = None
+    refused: list[Refusal] = field(default_factory=list)
+    normalizer: float | None = None
+    mu_source: str | None = None
 
 
-def plan(argv: Sequence[str]) -> LaunchPlan:
-    """Parse ``argv`` (train_ppo_ray arguments plus ``--algo.kl.mode``) and validate the combination, before any work.
-    Raises KLModeError for incompatible flags; OpenRLHF's own argument errors propagate as OpenRLHF raises them."""
+def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPlan:
+    """Parse ``argv`` (train_ppo_ray arguments plus kl-patches' flags) and validate the combination, before any
+    work. The mode is ``--algo.kl.mode``, else ``KL_PATCHES_MODE``, else library (``resolve_mode``: a conflict is
+    said once). Raises KLModeError for incompatible flags and, when ``strict``, for configurations the mode cannot
+    make exact; OpenRLHF's own argument errors propagate as OpenRLHF raises them."""
+    from kl_patches import terms
+
     namespace = launcher_parser().parse_args(list(argv))
-    mode = getattr(namespace, MODE_FLAG[2:])
+    mode, origin = resolve_mode(getattr(namespace, MODE_FLAG[2:]), MODE_FLAG, default=LIBRARY, environ=environ)
+    truncation = getattr(namespace, TRUNCATION_FLAG[2:])
+    if truncation is not None:
+        if mode != K1_RTG_LOSS:
+            raise KLModeError(f"{TRUNCATION_FLAG} only applies to {MODE_FLAG} k1-rtg-loss (mode in effect: {mode})")
+        truncation = terms.check_truncation(truncation)
     openrlhf_argv = strip_mode(argv)
     args = openrlhf_args(openrlhf_argv)
     notes: list[str] = []
+    if origin != MODE_FLAG and mode != LIBRARY:
+        notes.append(f"mode {mode} from {ENV_VAR}")
     kl = args.algo.kl
     if mode != LIBRARY and not kl.init_coef > 0:
         raise KLModeError(
@@ -190,6 +288,9 @@ def plan(argv: Sequence[str]) -> LaunchPlan:
         for reason in off_policy_reasons(args):
             notes.append(f"k1-in-reward is exact on-policy only and {reason}; OpenRLHF's per-token PPO ratio does not "
                          f"correct the prefix distribution: use {MODE_FLAG} k1-rtg-loss")
+        notes.append("k1-in-reward takes the sampler to be the actor: a vLLM/actor numerics mismatch biases it "
+                     f"(k1-rtg-loss with {CORRECTION_FLAG} token corrects it)")
+    normalizer = mu_source = None
     if mode == K1_RTG_LOSS:
         if not kl.use_loss:
             openrlhf_argv.append("--algo.kl.use_loss")
@@ -198,4 +299,27 @@ def plan(argv: Sequence[str]) -> LaunchPlan:
         if kl.estimator != "k1" or getattr(kl, "unbiased_gradient", False):
             notes.append("--algo.kl.estimator / --algo.kl.unbiased_gradient are ignored by k1-rtg-loss (its gradient "
                          "is the k1 reward-to-go surrogate; the logged kl is the k1 estimate)")
-    return LaunchPlan(mode, openrlhf_argv, args, notes)
+        from kl_patches.integrations.openrlhf.kl import fixed_normalizer, response_length
+
+        normalizer = fixed_normalizer(args)
+        notes.append(f"KL normaliser C = --train.batch_size {args.train.batch_size} x {response_length(args)} "
+                     f"(max response length) = {normalizer:g}, fixed before sampling (OpenRLHF's token count is "
+                     f"undone on the KL part)")
+        if args.ds.ring_attn_size > 1 or args.ds.tensor_parallel_size > 1:
+            notes.append("warning: --ds.ring_attn_size / --ds.tensor_parallel_size > 1 are not covered by kl-patches' "
+                         "step audit (kl-patches check reports them as not covered)")
+        if records_sampler_log_probs(args):
+            mu_source = "rollout_log_probs"
+        else:
+            mu_source = "action_log_probs"
+            if not getattr(args.train, "async_enable", False):
+                notes.append(
+                    f"warning: {CORRECTION_FLAG} is off, so OpenRLHF does not keep vLLM's log-probs and mu is the "
+                    f"actor's recomputation (action_log_probs): exact only while vLLM and the actor agree "
+                    f"numerically (measured 5.9 % / 23 % error at logit noise 0.05 / 0.2). Add {CORRECTION_FLAG} "
+                    f"token (it also turns on OpenRLHF's TIS/mask correction of the policy loss, which is why "
+                    f"kl-patches does not turn it on for you)")
+    refused = refusals(mode, args)
+    if refused and strict:
+        raise KLModeError(f"{MODE_FLAG} {mode} cannot be exact here: " + " | ".join(map(str, refused)))
+    return LaunchPlan(mode, openrlhf_argv, args, notes, origin, truncation, refused, normalizer, mu_source)

@@ -34,17 +34,42 @@ OPENRLHF_ENV_DEFAULTS = {
 }
 
 
-def build_runtime_env(mode: str, environ: Mapping[str, str] | None = None, *, placeholders: bool = False) -> dict:
-    """The Ray runtime environment for ``mode``: OpenRLHF's variables, ``KL_PATCHES_MODE`` and the worker setup hook
-    (none of the last two for ``library``). ``placeholders=True`` (CPU test clusters only) makes the hook install
-    flash_attn / vLLM placeholders first, where those packages are missing."""
+def build_runtime_env(mode: str, environ: Mapping[str, str] | None = None, *, placeholders: bool = False,
+                      truncation: float | None = None) -> dict:
+    """The Ray runtime environment for ``mode``: OpenRLHF's variables, ``KL_PATCHES_MODE``, the truncation and the
+    worker setup hook (none of those for ``library``). ``placeholders=True`` (CPU test clusters only) makes the hook
+    install flash_attn / vLLM placeholders first, where those packages are missing."""
+    from kl_patches.integrations.openrlhf.kl import TRUNCATION_ENV
+
     environ = os.environ if environ is None else environ
     env_vars = {name: environ.get(name, default) for name, default in OPENRLHF_ENV_DEFAULTS.items()}
     runtime_env: dict = {"env_vars": env_vars}
     if mode != LIBRARY:
         env_vars[ENV_VAR] = mode
+        if truncation is not None:
+            env_vars[TRUNCATION_ENV] = repr(float(truncation))
         runtime_env["worker_process_setup_hook"] = SETUP_HOOK_WITH_PLACEHOLDERS if placeholders else SETUP_HOOK
     return runtime_env
+
+
+def settle_environment(argv: Sequence[str], environ=None) -> str:
+    """Apply the one precedence rule before OpenRLHF is imported: an explicit ``--algo.kl.mode`` beats an inherited
+    ``KL_PATCHES_MODE`` (said once), and the variable is rewritten (or removed, for ``library``) so this process'
+    post-import autoloader and every process it starts see the mode that won. Returns that mode."""
+    from kl_patches.integrations.openrlhf import config
+    from kl_patches.integrations.openrlhf.kl import TRUNCATION_ENV
+    from kl_patches.modes import resolve_mode
+
+    environ = os.environ if environ is None else environ
+    mode, origin = resolve_mode(config.explicit_mode(argv), config.MODE_FLAG, default=LIBRARY, environ=environ)
+    if origin == config.MODE_FLAG:
+        if mode == LIBRARY:
+            environ.pop(ENV_VAR, None)
+        else:
+            environ[ENV_VAR] = mode
+    if mode == LIBRARY:
+        environ.pop(TRUNCATION_ENV, None)
+    return mode
 
 
 def _say(message: str) -> None:
@@ -55,25 +80,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kl_patches.integrations.openrlhf import config, enable
     from kl_patches.integrations.openrlhf.patches import integration
 
+    from kl_patches.integrations.openrlhf import disable
+    from kl_patches.integrations.openrlhf.kl import TRUNCATION_ENV
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         integration.check_version()
+        settle_environment(argv)
         plan = config.plan(argv)
     except KLModeError as error:
         _say(f"error: {error}")
         return 2
     for note in plan.notes:
         _say(note)
-    if plan.mode != LIBRARY:
+    if plan.mode == LIBRARY:
+        disable()  # an inherited KL_PATCHES_MODE may have armed the autoloader before the flag was read
+    else:
         import ray
 
         os.environ[ENV_VAR] = plan.mode  # processes this one starts (and the .pth autoloader) see the mode too
+        if plan.truncation is not None:
+            os.environ[TRUNCATION_ENV] = repr(plan.truncation)
         enable(plan.mode)  # fails here, before Ray starts, if the installed OpenRLHF moved its KL code
         if ray.is_initialized():
             raise KLModeError("Ray is already initialised in this process: kl-patches-openrlhf must start it to "
                               "install the worker setup hook")
-        ray.init(runtime_env=build_runtime_env(plan.mode))
-        _say(f"--algo.kl.mode {plan.mode}: active in this process and in every Ray worker of this job")
+        ray.init(runtime_env=build_runtime_env(plan.mode, truncation=plan.truncation))
+        _say(f"--algo.kl.mode {plan.mode} (from {plan.origin}): active in this process and in every Ray worker of "
+             f"this job; mu = {plan.mu_source or 'n/a'}")
     run_openrlhf_main(plan.argv)
     return 0
 

@@ -1,4 +1,4 @@
-"""The OpenRLHF patches: one replacement ``compute_approx_kl`` and a context-setting ``training_step``.
+"""The OpenRLHF patch targets: one replacement ``compute_approx_kl`` and a context-setting ``training_step``.
 
 OpenRLHF 0.11 computes the KL in two places, both through ``openrlhf.models.utils.compute_approx_kl``:
 
@@ -6,14 +6,24 @@ OpenRLHF 0.11 computes the KL in two places, both through ``openrlhf.models.util
   under ``torch.no_grad`` with ``--algo.kl.estimator``; ``compute_reward`` turns it into per-token rewards and
   ``compute_advantages_and_returns`` into reward-to-go advantages;
 * the loss path (``--algo.kl.use_loss``): ``ActorPPOTrainer.training_step`` (in the ``PolicyModelActor`` Ray actors)
-  calls it on the attached log-probs and aggregates it with ``aggregate_loss`` (global token mean).
+  calls it on the attached log-probs and aggregates it with ``aggregate_loss``.
 
-``k1-in-reward`` forces the k1 estimator in the reward path (OpenRLHF's own function with ``kl_estimator="k1"``).
-``k1-rtg-loss`` replaces the value of the KL block of ``training_step`` by a per-token tensor whose forward value is
-OpenRLHF's k1 estimate (so the logged ``kl`` and the adaptive controller see the KL) and whose gradient is the core
-surrogate's (``kl_patches.terms``): after OpenRLHF's own ``aggregate_loss`` it is exactly the gradient of
-``kl_rtg_loss(normalizer=batch_num_tokens / dp_size)`` with per-decision importance weights from the experience's
-rollout log-probs. Anything unexpected raises; nothing falls back to the biased path.
+``k1-in-reward`` forces the k1 estimator in the reward path (OpenRLHF's own function with ``kl_estimator="k1"``;
+no KL baseline: see docs/openrlhf.md). ``k1-rtg-loss`` replaces the value of the KL block of ``training_step`` by
+a per-token tensor whose forward value is OpenRLHF's k1 estimate (the logged ``kl`` and the adaptive controller see
+the KL) and whose gradient is the core surrogate's (:mod:`.kl`): mu = the experience's ``rollout_log_probs`` (the
+sampler), no cross-row statistic, and OpenRLHF's per-window token normaliser undone on the KL part so every optimizer
+step accumulates ``beta / C * sum`` over its responses with C fixed by the configuration. Anything unexpected raises;
+nothing falls back to the biased path.
+
+=====================================================  ==========================================================
+target                                                 why (and when it can go)
+=====================================================  ==========================================================
+``openrlhf.models.utils.compute_approx_kl``            k1 in the reward / the rtg surrogate in the loss (until
+(and every ``from ... import`` copy: ``Rebind``)       OpenRLHF has a sequence-level KL option)
+``...ray.ppo_actor.ActorPPOTrainer.training_step``     gives the KL the experience (mu, mask) and the step's
+                                                       loss_batch_info; logs ``kl_patches/*``
+=====================================================  ==========================================================
 """
 
 from __future__ import annotations
@@ -22,14 +32,14 @@ import contextvars
 import importlib
 import logging
 import sys
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import wrapt
 
-from kl_patches import estimators, terms
-from kl_patches.integrations.openrlhf import SUPPORTED
+from kl_patches.integrations.openrlhf import SUPPORTED, kl
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, KLModeError, validate_mode
 from kl_patches.patching import MARKER, DeferredPatch, Integration, Patch, PatchError, Rebind
 
@@ -44,11 +54,12 @@ TRAINER_CLASS = "ActorPPOTrainer"
 
 @dataclass
 class LossContext:
-    """What ``training_step`` knows and ``compute_approx_kl`` is not given: the experience (masks, rollout log-probs,
-    prompts) of the micro-batch whose KL is being computed."""
+    """What ``training_step`` knows and ``compute_approx_kl`` is not given: the experience (masks, rollout log-probs)
+    of the micro-batch whose KL is being computed, and the loss normalisers OpenRLHF will divide it by."""
 
     trainer: Any
     experience: Any
+    loss_batch_info: dict
 
 
 _LOSS_CONTEXT: contextvars.ContextVar[LossContext | None] = contextvars.ContextVar("kl_patches_openrlhf_loss",
@@ -62,41 +73,6 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def group_ids_from_prompts(prompts, batch: int) -> torch.Tensor | None:
-    """Rows answering the same prompt share a group (OpenRLHF's replay buffer drops ``Experience.index``, so the
-    prompt text is what identifies a group in a training micro-batch). Any grouping keeps the leave-one-out baseline
-    exact (it never uses the row itself); grouping by prompt is what lowers the variance. None without prompts."""
-    if not isinstance(prompts, (list, tuple)) or len(prompts) != batch:
-        return None
-    ids: dict[Any, int] = {}
-    return torch.tensor([ids.setdefault(p if isinstance(p, str) else repr(p), len(ids)) for p in prompts],
-                        dtype=torch.long)
-
-
-def rtg_loss_tokens(
-    log_probs: torch.Tensor,
-    ref_log_probs: torch.Tensor,
-    action_mask: torch.Tensor,
-    *,
-    behaviour_log_probs: torch.Tensor | None,
-    value: torch.Tensor,
-    group_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token ``k1-rtg-loss`` for OpenRLHF's ``aggregate_loss``: forward ``value`` (the logged KL estimate), gradient
-    ``log pi_t * sg(sum_{t'>=t} rho_{1:t'} l_t' - rho_{1:t} b_i)`` (kl_patches.terms.rtg_coefficients). Summed over
-    tokens and divided by a batch constant C it has the gradient of ``kl_rtg_loss(..., normalizer=C)``. Masked
-    positions are exactly 0 with zero gradient."""
-    mask = action_mask.bool() if action_mask.dtype != torch.bool else action_mask
-    coefficients = terms.rtg_coefficients(
-        log_probs, ref_log_probs, mask, behaviour_logp=behaviour_log_probs, group_ids=group_ids,
-        baseline="none" if group_ids is None else "leave-one-out",
-    )
-    dtype = estimators.compute_dtype(log_probs, ref_log_probs)
-    surrogate = estimators.masked(log_probs.to(dtype), mask) * coefficients
-    shown = estimators.masked(value.detach().to(dtype), mask)
-    return shown + surrogate - surrogate.detach()
-
-
 def _arguments(original, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by name, against the installed signature (0.11.0 has no log_probs_old /
     unbiased_gradient; 0.11.1+ does)."""
@@ -105,6 +81,47 @@ def _arguments(original, args: tuple, kwargs: dict) -> dict:
     bound = inspect.signature(original).bind(*args, **kwargs)
     return dict(bound.arguments)
 
+
+# -------------------------------------------------------------------------------------- import-order safety
+
+def _initializing(module) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _when_loaded(name: str, callback: Callable[[types.ModuleType], None]) -> None:
+    """Call ``callback(module)`` once ``name`` (now half-loaded: we are inside its import) has finished loading.
+
+    Python sets a submodule as an attribute of its package right after executing it; watching that ``setattr``
+    (a ModuleType subclass on the package, removed after it fired) is the first moment the module is complete."""
+    parent_name, _, child = name.rpartition(".")
+    parent = sys.modules[parent_name]
+    base = type(parent)
+
+    class _Watch(base):  # type: ignore[misc, valid-type]
+        def __setattr__(self, key, value):
+            base.__setattr__(self, key, value)
+            if key == child and value is sys.modules.get(name) and not _initializing(value):
+                self.__class__ = base
+                callback(value)
+
+    parent.__class__ = _Watch
+
+
+class AfterLoadPatch(DeferredPatch):
+    """A :class:`DeferredPatch` that also waits for a module imported *right now*: enabling from inside the import
+    of ``module`` (a process whose first OpenRLHF import is ``ppo_actor``, which imports ``models.utils``, whose
+    post-import hook enables the mode) patches once ``module`` has finished loading, not half-way through."""
+
+    def apply(self) -> None:
+        loaded = sys.modules.get(self.module)
+        if loaded is not None and _initializing(loaded):
+            self.armed = True
+            _when_loaded(self.module, self._apply_to)
+            return
+        super().apply()
+
+
+# ------------------------------------------------------------------------------------------ the integration
 
 class OpenRLHFIntegration(Integration):
     library = LIBRARY_NAME
@@ -122,7 +139,7 @@ class OpenRLHFIntegration(Integration):
         return [
             Patch(utils, "compute_approx_kl", lambda _original: replacement, LIBRARY_NAME),
             Rebind(LIBRARY_NAME, original, replacement),
-            DeferredPatch(ACTOR_MODULE, TRAINER_CLASS, "training_step", make_training_step, LIBRARY_NAME),
+            AfterLoadPatch(ACTOR_MODULE, TRAINER_CLASS, "training_step", make_training_step, LIBRARY_NAME),
         ]
 
 
@@ -162,6 +179,38 @@ def _reward_path_kl(mode: str, original, args: tuple, kwargs: dict):
     return original(**call)
 
 
+def sampler_log_probs(experience, args) -> tuple[torch.Tensor, float]:
+    """mu and where it came from: vLLM's ``rollout_log_probs`` when OpenRLHF recorded them; otherwise the actor's
+    experience-time recomputation, refused under ``--train.async_enable`` (computed with newer weights than the
+    sampler's, stale samples would get weight 1) and warned about otherwise (vLLM/actor numerics differ)."""
+    if experience.rollout_log_probs is not None:
+        return experience.rollout_log_probs, kl.MU_SAMPLER
+    if getattr(args.train, "async_enable", False):
+        raise KLModeError(
+            "kl-patches k1-rtg-loss with --train.async_enable needs the sampler's log-probs: the experience has no "
+            "rollout_log_probs, and action_log_probs are recomputed with the current weights (stale samples would "
+            "get importance weight 1). Add --algo.advantage.is_correction_level token (vLLM then records them)")
+    if experience.action_log_probs is None:
+        raise PatchError("kl-patches k1-rtg-loss: the experience has neither rollout_log_probs nor action_log_probs")
+    _warn_once("kl-patches k1-rtg-loss: no rollout_log_probs (--algo.advantage.is_correction_level off), so mu is the "
+               "actor's recomputation (action_log_probs), not vLLM's: exact only while vLLM and the actor agree. "
+               "Add --algo.advantage.is_correction_level token to use the sampler's log-probs")
+    return experience.action_log_probs, kl.MU_TRAINER
+
+
+def deepspeed_gas(trainer) -> int:
+    """How many micro-batches DeepSpeed accumulates (it scales every backward by 1/gas): 1 under dynamic batching
+    (OpenRLHF's ds_config), else the strategy's accumulated_gradient; checked against the engine when it has one."""
+    args = trainer.args
+    gas = 1 if args.train.dynamic_batch_enable else int(trainer.strategy.accumulated_gradient)
+    engine = getattr(getattr(trainer, "actor", None), "model", None)
+    reported = getattr(engine, "gradient_accumulation_steps", None)
+    if callable(reported) and int(reported()) != gas:
+        raise PatchError(f"{LIBRARY_NAME}: DeepSpeed accumulates {int(reported())} micro-batches but OpenRLHF's "
+                         f"configuration implies {gas}; kl-patches cannot fix the KL normaliser")
+    return gas
+
+
 def _loss_path_kl(mode: str, original, context: LossContext, args: tuple, kwargs: dict):
     if mode == K1_IN_REWARD:
         raise KLModeError(
@@ -173,30 +222,28 @@ def _loss_path_kl(mode: str, original, context: LossContext, args: tuple, kwargs
     if call.get("kl_estimator", "k1") != "k1" or call.get("unbiased_gradient", False):
         _warn_once("kl-patches k1-rtg-loss: --algo.kl.estimator / --algo.kl.unbiased_gradient no longer shape the "
                    "gradient (the k1 reward-to-go surrogate does); the logged kl is the k1 estimate")
-    experience = context.experience
-    behaviour = experience.rollout_log_probs
-    if behaviour is None:  # no vLLM log-probs (is_correction off): the rollout-time actor log-probs stand in
-        behaviour = experience.action_log_probs
-    if behaviour is None:
-        raise PatchError("kl-patches k1-rtg-loss: the experience has neither rollout_log_probs nor action_log_probs, "
-                         "so the importance weights of off-policy mini-batches cannot be computed")
+    trainer, experience, info = context.trainer, context.experience, context.loss_batch_info
+    behaviour, source = sampler_log_probs(experience, trainer.args)
+    behaviour = behaviour.to(log_probs.device)
+    truncation = kl.truncation_from_env()
+    scale = kl.kl_scale(info["batch_num_tokens"], info["dp_size"], deepspeed_gas(trainer),
+                        kl.fixed_normalizer(trainer.args)).to(log_probs.device)
     value = original(log_probs, ref_log_probs, kl_estimator="k1")
-    return rtg_loss_tokens(
-        log_probs, ref_log_probs, experience.action_mask, behaviour_log_probs=behaviour.to(log_probs.device),
-        value=value, group_ids=_group_ids(experience, log_probs),
-    )
-
-
-def _group_ids(experience, log_probs: torch.Tensor) -> torch.Tensor | None:
-    ids = group_ids_from_prompts(getattr(experience, "prompts", None), log_probs.shape[0])
-    return None if ids is None else ids.to(log_probs.device)
+    experience.info.update(kl.step_metrics(log_probs, ref_log_probs, behaviour, experience.action_mask,
+                                           truncation=truncation, mu_source=source))
+    return kl.rtg_loss_tokens(log_probs, ref_log_probs, experience.action_mask, behaviour_log_probs=behaviour,
+                              value=value, truncation=truncation, scale=scale)
 
 
 def make_training_step(original):
-    def training_step(self, experience, *args, **kwargs):
-        token = _LOSS_CONTEXT.set(LossContext(self, experience))
+    def training_step(self, experience, kl_ctl, step, loss_batch_info=None, *args, **kwargs):
+        if loss_batch_info is None:  # what the original computes itself (dynamic batching); computed once, here
+            get_info = vars(sys.modules[ACTOR_MODULE])["get_loss_batch_info"]
+            loss_batch_info = get_info(self.strategy, experience.action_mask, replay_buffer=self.replay_buffer,
+                                       step=step, dynamic_batch=self.args.train.dynamic_batch_enable)
+        token = _LOSS_CONTEXT.set(LossContext(self, experience, loss_batch_info))
         try:
-            return original(self, experience, *args, **kwargs)
+            return original(self, experience, kl_ctl, step, loss_batch_info, *args, **kwargs)
         finally:
             _LOSS_CONTEXT.reset(token)
 
@@ -214,7 +261,7 @@ def patched_targets() -> dict[str, bool]:
         if module is not None:
             state[f"{name}.compute_approx_kl"] = bool(getattr(vars(module).get("compute_approx_kl"), MARKER, False))
     actor = sys.modules.get(ACTOR_MODULE)
-    if actor is not None:
+    if actor is not None and hasattr(actor, TRAINER_CLASS):
         owner = getattr(actor, TRAINER_CLASS)
         state[f"{ACTOR_MODULE}.{TRAINER_CLASS}.training_step"] = bool(
             getattr(vars(owner).get("training_step"), MARKER, False))

@@ -123,3 +123,61 @@ def test_console_script_and_module_entry_points_point_at_the_launcher():
     [script] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "kl-patches-openrlhf"]
     assert script.load() is launcher.main
     assert importlib.util.find_spec("kl_patches.integrations.openrlhf.__main__") is not None
+
+
+def test_an_explicit_library_flag_beats_an_inherited_kl_patches_mode(captured, monkeypatch):
+    import warnings
+
+    from kl_patches import modes
+    from kl_patches.integrations.openrlhf import enable, enabled_mode
+
+    monkeypatch.setattr(modes, "_CONFLICTS_SAID", set())
+    os.environ["KL_PATCHES_MODE"] = "k1-rtg-loss"
+    enable("k1-rtg-loss")  # as the .pth autoloader would have, on importing OpenRLHF
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert launcher.main([*MODELS, "--algo.kl.mode", "library"]) == 0
+    assert enabled_mode() is None and "KL_PATCHES_MODE" not in os.environ and "ray_init" not in captured
+    conflicts = [w for w in said if "overrides KL_PATCHES_MODE" in str(w.message)]
+    assert len(conflicts) == 1  # said once
+
+
+def test_kl_patches_mode_applies_when_no_flag_is_given(captured):
+    os.environ["KL_PATCHES_MODE"] = "k1-rtg-loss"
+    plan = config.plan([*MODELS])
+    assert plan.mode == "k1-rtg-loss" and plan.origin == "KL_PATCHES_MODE"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--train.async_enable"], "--train.async_enable"),
+    (["--algo.dynamic_filtering_enable", "--reward.remote_url", "http://rm", "--rollout.n_samples_per_prompt", "2",
+      "--algo.advantage.estimator", "rloo"],
+     "dynamic filtering"),
+    (["--rollout.top_p", "0.9"], "top_p"),
+])
+def test_launch_refuses_what_cannot_be_exact(flags, needle):
+    with pytest.raises(KLModeError, match=needle):
+        config.plan([*MODELS, "--algo.kl.mode", "k1-rtg-loss", *flags])
+
+
+def test_async_with_the_samplers_log_probs_and_sync_without_them():
+    ok = config.plan([*MODELS, "--algo.kl.mode", "k1-rtg-loss", "--train.async_enable",
+                      "--algo.advantage.is_correction_level", "token"])
+    assert ok.mu_source == "rollout_log_probs" and not ok.refused
+    sync = config.plan([*MODELS, "--algo.kl.mode", "k1-rtg-loss"])
+    assert sync.mu_source == "action_log_probs"
+    assert any(note.startswith("warning:") and "is_correction_level" in note for note in sync.notes)
+    assert any("KL normaliser C = --train.batch_size 128" in note for note in sync.notes)
+
+
+def test_truncation_flag_reaches_the_workers(captured):
+    from kl_patches.integrations.openrlhf.kl import TRUNCATION_ENV
+
+    try:
+        assert launcher.main([*MODELS, "--algo.kl.mode", "k1-rtg-loss", "--algo.kl.truncation", "2"]) == 0
+        assert captured["ray_init"]["runtime_env"]["env_vars"][TRUNCATION_ENV] == "2.0"
+        assert "--algo.kl.truncation" not in captured["openrlhf_argv"]
+    finally:
+        os.environ.pop(TRUNCATION_ENV, None)
+    with pytest.raises(KLModeError, match="only applies to"):
+        config.plan([*MODELS, "--algo.kl.mode", "k1-in-reward", "--algo.kl.truncation", "2"])
