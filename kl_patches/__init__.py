@@ -31,6 +31,7 @@ __all__ = [
     "enable",
     "disable",
     "is_enabled",
+    "status",
     "k1",
     "k2",
     "k3",
@@ -77,6 +78,35 @@ def enable(library: str, mode: str = "k1-in-reward") -> bool:
 def disable(library: str) -> bool:
     """Restore the library's original objects (by identity). Returns False when nothing was patched."""
     return _adapter(library).disable()
+
+
+def status() -> list[dict]:
+    """What kl-patches does in this process, per library: installed and supported versions, the mode in effect,
+    where it came from and the patched targets (``kl-patches status`` prints it)."""
+    import sys
+
+    from kl_patches.modes import mode_from_env
+    from kl_patches.patching import INTEGRATIONS, installed_version
+
+    try:
+        env_mode = mode_from_env()
+    except KLModeError as error:
+        env_mode = f"invalid ({error})"
+    rows = []
+    for library in LIBRARIES:
+        adapter = _adapter(library)
+        mine = [i for i in INTEGRATIONS if i.library == library]
+        mode = next((i.enabled_mode() for i in mine if i.enabled_mode()), None)
+        rows.append({
+            "library": library,
+            "installed": installed_version(library),
+            "supported": getattr(adapter, "SUPPORTED", None),
+            "imported": library in sys.modules,
+            "mode": mode,
+            "environment": env_mode,
+            "targets": [target for i in mine for target in i.applied_targets()],
+        })
+    return rows
 
 
 def is_enabled(library: str) -> str | None:

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     modes = commands.add_parser("modes", help="list the KL modes")
     modes.add_argument("--json", action="store_true")
+    status = commands.add_parser(
+        "status", help="what kl-patches patches in this process: versions, mode and where it came from, targets",
+        description="Installed and supported versions per library, KL_PATCHES_MODE, and the patched targets. In a "
+                    "training script call kl_patches.status() for the same report about that process.")
+    status.add_argument("--json", action="store_true")
     return parser
 
 
@@ -254,6 +259,24 @@ def list_modes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def show_status(args: argparse.Namespace) -> int:
+    import kl_patches
+
+    rows = kl_patches.status()
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for row in rows:
+        installed = row["installed"] or "not installed"
+        mode = row["mode"] or "not patched"
+        print(f"{row['library']:9} {installed:14} supported {row['supported']:14} {mode}")
+        for target in row["targets"]:
+            print(f"          patched: {target}")
+    print(f"KL_PATCHES_MODE: {rows[0]['environment'] or 'unset'}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -274,6 +297,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "modes":
         code = list_modes(args)
+    elif args.command == "status":
+        code = show_status(args)
     else:
         code = check(args, extra)
     sys.stdout.flush()  # a closed pipe surfaces here, inside main's handler, not at interpreter exit

@@ -166,6 +166,22 @@ class DeferredPatch:
             self.patch = None
 
 
+def describe_target(patch) -> str:
+    if isinstance(patch, Patch):
+        return patch.target
+    if isinstance(patch, DeferredPatch):
+        state = "applied" if patch.patch is not None else "waiting for the module to load"
+        return f"{patch.module}.{patch.owner}.{patch.attribute} ({state})"
+    if isinstance(patch, Rebind):
+        return f"copies of {getattr(patch.original, '__qualname__', patch.original)} under {patch.prefix} " \
+               f"({len(patch.rebound)} rebound)"
+    return repr(patch)
+
+
+#: Every adapter's Integration, in creation order (an adapter creates its own when it is imported).
+INTEGRATIONS: list["Integration"] = []
+
+
 class Integration:
     """One library's adapter: ``enable(mode)`` / ``disable()``, idempotent and all-or-nothing.
 
@@ -182,6 +198,11 @@ class Integration:
         self.mode: str | None = None
         self._applied: list = []
         self._lock = threading.RLock()
+        INTEGRATIONS.append(self)
+
+    def applied_targets(self) -> list[str]:
+        """What is patched in this process now, one line per target (``kl-patches status``)."""
+        return [describe_target(patch) for patch in self._applied]
 
     @property
     def version(self) -> str:

@@ -166,3 +166,18 @@ def test_readme_test_command_is_what_ci_runs():
     text = open(readme).read()
     assert "## Testing" in text and command in text.split("## Testing", 1)[1]
     assert command in [line.strip() for line in open(ci)]
+
+
+def test_status_reports_every_library_and_the_environment(monkeypatch, capsys):
+    import json as _json
+
+    from kl_patches.cli import main
+
+    monkeypatch.setenv("KL_PATCHES_MODE", "k1-rtg-loss")
+    assert main(["status", "--json"]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert [r["library"] for r in rows] == ["trl", "verl", "openrlhf"]
+    assert all(r["environment"] == "k1-rtg-loss" and r["supported"] for r in rows)
+    assert all(r["mode"] is None and r["targets"] == [] for r in rows if r["installed"] is None)
+    assert main(["status"]) == 0
+    assert "KL_PATCHES_MODE: k1-rtg-loss" in capsys.readouterr().out
