@@ -527,10 +527,10 @@ def regime_train(task: Task, row, regime: str, dynamics: str, settings: RegimeSe
     return trajectory
 
 
-def run_regimes(rows: _common.Rows, settings: RegimeSettings) -> None:
+def run_regimes(rows: _common.Rows, settings: RegimeSettings, dynamics_list=("exact", "sampled")) -> None:
     tasks = {seed: Task(seed) for seed in settings.seeds}
     for regime in settings.regimes:
-        for dynamics in ("exact", "sampled"):
+        for dynamics in dynamics_list:
             for row in REGIME_ROWS:
                 label, cell, source, group = row
                 if regime.startswith("lag-") and source == "trainer" and cell == "k1-rtg-loss (kl-patches)":
@@ -600,16 +600,27 @@ def main(argv=None) -> int:
     parser = _common.parser(__doc__.split("\n")[0])
     parser.add_argument("--only", choices=("classic", "regimes"),
                         help="run only the classic on/stale study or only the regimes (default both)")
+    parser.add_argument("--regime-dynamics", choices=("exact", "sampled"),
+                        help="with --only regimes: run one dynamics and keep the other's rows")
     args = parser.parse_args(argv)
     coverage, adapters = _common.resolve_coverage(args.libraries)
     rows = _common.Rows(SCRIPT, args.out)
     settings = QUICK if args.quick else FULL
     if not args.plot_only and args.only and "core" in coverage.covered:
         # a partial run keeps the core rows of the other study (the CSV is replaced per library)
-        keep = (lambda w: not w.startswith("regime-")) if args.only == "regimes" else (lambda w: w.startswith("regime-"))
+        if args.only == "classic":
+            def keep(what):
+                return what.startswith("regime-")
+        elif args.regime_dynamics:
+            def keep(what):
+                return not (what.startswith("regime-") and what.endswith(f"-{args.regime_dynamics}"))
+        else:
+            def keep(what):
+                return not what.startswith("regime-")
         rows.rows += [r for r in _common.read_rows(rows.path) if r["library"] == "core" and keep(r["what"])]
     if not args.plot_only and args.only != "classic" and "core" in coverage.covered:
-        run_regimes(rows, REGIMES_QUICK if args.quick else REGIMES_FULL)
+        dynamics = (args.regime_dynamics,) if args.regime_dynamics else ("exact", "sampled")
+        run_regimes(rows, REGIMES_QUICK if args.quick else REGIMES_FULL, dynamics)
     if not args.plot_only and args.only != "regimes":
         for library in list(coverage.covered):
             try:

@@ -35,6 +35,7 @@ SCRIPTS = {
     "variance": ("core", *_common.LIBRARIES),
     "overhead": ("core", *_common.LIBRARIES),
     "trl_run": ("trl",),
+    "truncation": ("core",),
 }
 
 
