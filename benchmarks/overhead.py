@@ -10,16 +10,24 @@ float32. Two sources of log-probs:
   relative to the whole step is what matters.
 
 Each step is a token-mean policy-gradient loss (ratio x advantage) plus the KL: ``unpatched`` = beta * k3 in the
-loss (the GRPO / verl ``low_var_kl`` default); ``k1-rtg-loss`` = ``kl_patches.kl_rtg_loss`` with per-decision
-weights and a leave-one-out baseline, normalised by the batch's token count; ``k1-in-reward`` =
-``kl_patches.kl_advantage`` folded into the advantage (no KL term in the loss); ``no KL`` for scale. Variants are
-timed interleaved in one process (order alternating every repetition); the CSV holds the median / p20 / p80
-time and the per-repetition ratio to ``unpatched``.
+loss written as the libraries write it (TRL's and verl's ``low_var_kl`` line: exp(r) - r - 1 with r = ref - logp,
+verl's clamp to [-10, 10]; not the core's ``estimators.k3``, which validates and masks and so costs more);
+``unpatched (A/A control)`` = the very same step in a second slot, whose ratio band is the noise floor;
+``k1-rtg-loss`` = ``kl_patches.kl_rtg_loss`` with per-decision weights, normalised by the batch's token count;
+``k1-in-reward`` = ``kl_patches.kl_advantage`` folded into the advantage (no KL term in the loss); ``no KL``, a
+lower bound. Each repetition runs every variant once in a fresh random order; a timing value is the mean of as
+many back-to-back calls as last >= 20 ms (sub-millisecond KL-only steps are otherwise timer noise). The CSV holds
+the median / p20 / p80 time and per-repetition ratio to ``unpatched``; a target counts as "met" only when the p80
+of the ratio is within it, "within noise" when the p20-p80 band straddles it. ``--lengths`` sets the response
+lengths.
 
-Memory, two CPU measures (torch.cuda is not available here and tracemalloc does not see torch's allocator):
-``saved_bytes`` = bytes of the unique storages the autograd graph saves for backward
-(``torch.autograd.graph.saved_tensors_hooks``), and ``peak_rss`` = the step's peak resident-set increase in a
-fresh subprocess (Linux VmHWM after resetting it through /proc/self/clear_refs, minus the RSS before the step).
+Memory, two CPU measures (tracemalloc does not see torch's allocator): ``saved_bytes`` = bytes of the unique
+storages the autograd graph saves for backward (``torch.autograd.graph.saved_tensors_hooks``), and ``peak_rss`` =
+the step's peak resident-set increase in a fresh subprocess (Linux VmHWM after resetting it through
+/proc/self/clear_refs, minus the RSS before the step; LM-head source only), each with its absolute delta to
+``unpatched`` (``*_delta``) beside the ratio. Where CUDA exists the core measurement also runs on the GPU
+(``overhead-gpu-*``: device synchronised around each timed block, ``cuda_peak_bytes`` from torch.cuda memory
+stats); where it does not, the script says it skipped it.
 
 Libraries (verl, OpenRLHF, whose loss code takes log-prob tensors): their real loss functions through the adapters'
 helpers (``_libraries``), the library's default KL (unpatched) against the kl-patches mode that replaces it, loss
@@ -273,7 +281,8 @@ def core_overhead(rows: _common.Rows, quick: bool, lengths=None, device: str = "
                 if device == "cpu":
                     memory[("saved_bytes", variant)] = [saved_bytes(steps[variant], inputs)]
                     # quick: one subprocess set (each imports torch, ~1 s) just to exercise the path
-                    measured = not quick or (source == "lm-head" and length == lengths[0])
+                    # peak RSS only where there is something to see (the LM head's logits); quick: once
+                    measured = source == "lm-head" and (not quick or length == lengths[0])
                     peak = measure_peak_rss(source, variant, length, repeats=1 if quick else 3) if measured else None
                     if peak is not None:
                         memory[("peak_rss", variant)] = peak
