@@ -617,7 +617,6 @@ def main(argv=None) -> int:
         else:
             def keep(what):
                 return not what.startswith("regime-")
-        rows.rows += [r for r in _common.read_rows(rows.path) if r["library"] == "core" and keep(r["what"])]
     if not args.plot_only and args.only != "classic" and "core" in coverage.covered:
         dynamics = (args.regime_dynamics,) if args.regime_dynamics else ("exact", "sampled")
         run_regimes(rows, REGIMES_QUICK if args.quick else REGIMES_FULL, dynamics)
@@ -629,6 +628,9 @@ def main(argv=None) -> int:
                 coverage.skip(library, f"{type(err).__name__}: {err}")
                 continue
             run(rows, configs, settings, library)
+    if not args.plot_only and args.only and "core" in coverage.covered:
+        # read at the end, so that another partial run that finished meanwhile is kept too
+        rows.rows += [r for r in _common.read_rows(rows.path) if r["library"] == "core" and keep(r["what"])]
     _common.finish(rows, coverage, args, plot)
     return 0
 
