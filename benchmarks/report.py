@@ -690,7 +690,8 @@ def section_regimes(out: Path) -> list[str]:
               if not lag_moved else
               f"in these runs {'every k1-rtg-loss row' if rtg_lag_kept else 'most rows'} ended where it ends "
               f"on-policy, but {'; '.join(lag_moved)} did not: a biased off-policy gradient also changes the "
-              "dynamics (with the step size used here it oscillates away from the fixed point instead of settling), "
+              "dynamics (with the step size used here their KL(pi||pi*) rises again after the first steps instead of "
+              "settling; see the plots), "
               "so with a lag exactness changes where a run is after a given number of steps even when the fixed "
               "point itself is shared. ")
            if lagged else "")
