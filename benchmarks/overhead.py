@@ -69,6 +69,8 @@ CONTROL = "unpatched (A/A control)"
 #: a timing sample is the mean of enough back-to-back calls to last at least this long (short KL-only steps)
 MIN_SAMPLE_S = 0.02
 TARGET_TIME, TARGET_MEMORY = 1.03, 1.01
+#: one intra-op thread: on a shared machine a second thread turns every op into a wait for a descheduled worker
+THREADS = 1
 #: interleaved repetitions per source: sub-millisecond KL-only steps need many to beat a shared machine's jitter
 REPETITIONS = {"tensors": 41, "lm-head": 15}
 LIBRARY_REPETITIONS = {"tensors": 41, "lm-head": 15}
@@ -230,7 +232,7 @@ def peak_rss_probe(source: str, variant: str, length: int) -> dict:
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     step = core_step(variant)
     step(make_inputs(source, 16, seed=1))  # warm-up: one-off allocations (kernels, thread pools) happen here
     inputs = make_inputs(source, length)
@@ -261,7 +263,7 @@ def measure_peak_rss(source: str, variant: str, length: int, repeats: int) -> li
 def core_overhead(rows: _common.Rows, quick: bool, lengths=None, device: str = "cpu") -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     lengths = lengths or ((64, 128) if quick else (512, 1024, 2048, 4096))
     steps = {variant: core_step(variant) for variant in CORE_VARIANTS}
     prefix = "overhead-" if device == "cpu" else "overhead-gpu-"
@@ -455,7 +457,7 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None) -> None:
     import torch
     import transformers
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
     import random
 
@@ -531,7 +533,7 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
         return trl_overhead(rows, quick, lengths)
     if library not in LIBRARY_PAIRS:
         raise LookupError(f"no overhead pairs for {library}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     lengths = lengths or ((64, 128) if quick else (512, 1024, 2048, 4096))
     order = random.Random(0)
     paths = _libraries.checked_paths(library, group=GROUP)
