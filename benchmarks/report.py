@@ -458,8 +458,9 @@ def section_baselines(out: Path) -> list[str]:
             lines.append(line)
         policies = next(c for (rg, _, _, _), (_, c) in by.items() if rg == regime)["policies"]
         text.append(f"**{regime}-policy** ({policies} policies; responses needed relative to "
-                    f"{labels[yard] if regime == 'on' else labels['none']}, median [p20, p80]; all rows unbiased, "
-                    "bias² ≤ 1e-29 except off-policy sequence k1, which is biased there):\n")
+                    f"{labels[yard] if regime == 'on' else labels['none']}, median [p20, p80]; every row unbiased, relative "
+                    "bias² ≤ 1e-28" + (", except sequence k1 in reward, which is biased off-policy" if regime == "off"
+                                        else "") + "):\n")
         text.append(table(["estimator"] + [f"groups of {g}" for g in groups] + ["policies worse than none (G=4)"],
                           lines))
         text.append("")

@@ -24,7 +24,7 @@ CORE_OUTPUTS = {
     "bias_table": ({"bias", "bias_by_distance", "bias_audit_time"}, ["bias_table_core.png"]),
     "convergence": ({"convergence-sampled-on", "convergence-sampled-stale", "convergence-exact-on",
                      "convergence-exact-stale", "convergence-optimum", "regime-lag-4-exact", "regime-lag-4-sampled",
-                     "regime-temperature-exact", "regime-top-p-sampled"},
+                     "regime-top-p-exact", "regime-top-p-sampled"},
                     ["convergence_sampled.png", "convergence_exact.png", "convergence_regime_lag-4.png",
                      "convergence_regime_top-p.png"]),
     "variance": ({"variance", "variance-mse", "variance-baselines"}, ["variance.png"]),
