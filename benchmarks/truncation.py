@@ -224,11 +224,12 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                            and r["configuration"] == label(c)), key=lambda r: int(r["x"]))
             for axis, metric in zip(axes, ("relative_bias", "relative_mse_batch", "ess")):
                 points = [(int(r["x"]), float(r["median"])) for r in line if r["metric"] == metric]
-                if not points or (metric == "ess" and not math.isinf(c)):
+                if not points or (metric == "ess" and not math.isinf(c)) or (
+                        metric == "relative_bias" and math.isinf(c)):  # exact: unbiased by construction
                     continue
                 axis.plot(*zip(*points), style, marker="o", color=colours(index / max(len(sigmas) - 1, 1)),
                           label=f"sigma {sigma:g}, {label(c)}" if metric != "ess" else f"sigma {sigma:g}")
-    titles = {0: "relative bias |E g - grad KL| / |grad KL|", 1: f"relative MSE, batch of {BATCH} responses",
+    titles = {0: "relative bias |E g - grad KL| / |grad KL| (truncated; +- se in the CSV)", 1: f"relative MSE, batch of {BATCH} responses",
               2: "ESS fraction of the prefix weights (exact)"}
     for i, axis in enumerate(axes):
         axis.set_xscale("log", base=2)
@@ -236,6 +237,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         axis.set_xlabel("response length")
         axis.set_title(titles[i], fontsize=10)
         axis.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)
     axes[1].legend(fontsize=6, ncol=2)
     axes[2].legend(fontsize=7)
     fig.suptitle("Off-policy k1-rtg-loss: exact vs truncated per-decision weights (sampled, synthetic policy)",
