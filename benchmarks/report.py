@@ -824,7 +824,12 @@ def render(out: Path) -> str:
         "",
         "### 3. Overhead (`benchmarks/overhead.py`)",
         "",
-        "One loss + backward step, patched versus unpatched, timed interleaved in one process. Time ratio = "
+        "One loss + backward step, patched versus unpatched, timed interleaved in one process, every variant once "
+        "per repetition in a fresh random order (core rows; the library rows below may predate this and say how "
+        "many repetitions they used). Core: unpatched = k3 written as TRL / verl write it; \"unpatched (A/A "
+        "control)\" = the same step in a second slot, whose p20–p80 band is the noise floor quoted next to each "
+        "ratio; \"no KL\" bounds the KL's whole cost. A target is \"met\" only when the p80 of the ratio is within "
+        "it, \"within noise\" when the band straddles it. Time ratio = "
         "median over repetitions of (variant time / unpatched time) measured back to back. Memory: bytes the "
         "autograd graph saves for backward (`torch.autograd.graph.saved_tensors_hooks`, unique storages) / peak "
         "RSS increase of the step in a fresh subprocess (VmHWM after resetting it via /proc/self/clear_refs). "
