@@ -309,7 +309,7 @@ def task_config(settings: Settings) -> dict:
 def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    written = []
+    written = plot_regimes(rows, out)
     for dynamics in ("sampled", "exact"):
         panels = [(regime, metric) for regime in ("on", "stale")
                   for metric in ("kl_to_optimum", "kl_to_reference", "expected_reward")]
@@ -366,15 +366,264 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Regimes: lag, a systematic sampler/trainer mismatch, asynchronous generation (issue 15)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# The task gradient is exact in every regime run (-grad E_pi[R] by enumeration), so the only thing that differs
+# between rows is the KL term's estimator and the log-probs it takes as mu. The sampler mu_t is:
+#   lag-k      the policy as it was at the last refresh, every k steps (PPO epochs; k = 1 is on-policy);
+#   noise      pi_theta's logits + a fixed N(0, NOISE^2) perturbation per state (an engine's different numerics);
+#   temperature  pi_theta's logits / TEMPERATURE, applied by the sampler only;
+#   top-p      pi_theta restricted to its top-p nucleus per state (support truncated: no weight can correct it);
+#   async      the policy exactly ASYNC_LAG steps old at every step (asynchronous generation at a fixed lag).
+# mu = "sampler": the KL term gets the sampler's log-probs; mu = "trainer": the trainer's recomputation with the
+# weights it holds now (what TRL, verl and OpenRLHF use as old log-probs when the engine's are not passed through);
+# in the lag regimes the trainer's old log-probs are the snapshot's, i.e. the sampler's.
+
+NOISE, TEMPERATURE, TOP_P, ASYNC_LAG = 0.3, 0.8, 0.9, 4
+REGIMES = ("lag-1", "lag-4", "lag-16", "noise", "temperature", "top-p", "async")
+REGIME_TITLES = {
+    "lag-1": "on-policy (lag 1)", "lag-4": "behaviour snapshot refreshed every 4 steps",
+    "lag-16": "behaviour snapshot refreshed every 16 steps",
+    "noise": f"sampler logits + fixed per-state noise N(0, {NOISE}^2) (engine numerics)",
+    "temperature": f"sampler-only temperature {TEMPERATURE}", "top-p": f"sampler-only top-p {TOP_P}",
+    "async": f"asynchronous generation at a fixed lag of {ASYNC_LAG} steps",
+}
+#: (row label, reference cell, mu source, group size of the exact expectation)
+REGIME_ROWS = (
+    ("unpatched k3 in loss (GRPO / verl low_var_kl)", "k3 in loss (GRPO default)", "trainer", 1),
+    ("unpatched k3 x token ratio (TRL bias correction)", "k3 x token ratio (bias-corrected k3)", "trainer", 1),
+    ("unpatched k2-grad x detached ratio (OpenRLHF)", "k2 gradient x detached token ratio", "trainer", 1),
+    ("unpatched k1 in reward, sequence sum", "k1 in reward (sequence sum)", "trainer", 1),
+    ("kl-patches k1-in-reward, mu = sampler", "k1-in-reward (kl-patches)", "sampler", 2),
+    ("kl-patches k1-rtg-loss, mu = sampler", "k1-rtg-loss (kl-patches)", "sampler", 1),
+    ("kl-patches k1-rtg-loss, mu = trainer recomputation", "k1-rtg-loss (kl-patches)", "trainer", 1),
+    ("kl-patches k1-rtg-loss, mu = sampler, truncation 2", "truncated-2", "sampler", 1),
+)
+
+
+@dataclass
+class RegimeSettings:
+    steps: int
+    batch: int
+    lr: float
+    tau: float
+    exact_lr: float
+    seeds: tuple[int, ...]
+    points: int
+    regimes: tuple[str, ...]
+
+
+REGIMES_FULL = RegimeSettings(steps=150, batch=64, lr=2.0, tau=50.0, exact_lr=3.0, seeds=(0, 1, 2), points=8,
+                              regimes=REGIMES)
+REGIMES_QUICK = RegimeSettings(steps=4, batch=16, lr=2.0, tau=100.0, exact_lr=2.0, seeds=(0,), points=3,
+                               regimes=("lag-4", "top-p"))
+QUICK_ROWS = (0, 5, 6)  # --quick: k3 in loss, k1-rtg-loss with the sampler's and with the trainer's log-probs
+
+
+def regime_loss(cell: str):
+    from kl_patches.audit import reference
+
+    if cell == "truncated-2":
+        return reference.mode_k1_rtg_loss(truncation=2.0)
+    return {c.configuration: c for c in reference.CELLS}[cell].loss
+
+
+def sampler_logits(regime: str, logits, history, step: int, state_noise):
+    """The sampler's per-state logits (num_codes, V) at this step (-inf outside a top-p nucleus)."""
+    import torch
+
+    if regime.startswith("lag-"):
+        lag = int(regime.split("-")[1])
+        return history[step - step % lag]
+    if regime == "async":
+        return history[max(step - ASYNC_LAG, 0)]
+    if regime == "noise":
+        return logits + state_noise
+    if regime == "temperature":
+        return logits / TEMPERATURE
+    if regime == "top-p":
+        probs = torch.softmax(logits, -1)
+        ordered, order = probs.sort(-1, descending=True)
+        before = ordered.cumsum(-1) - ordered  # mass of the more likely tokens
+        keep_sorted = before < TOP_P  # the smallest set reaching TOP_P
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        return logits.masked_fill(~keep, -math.inf)
+    raise ValueError(regime)
+
+
+def regime_train(task: Task, row, regime: str, dynamics: str, settings: RegimeSettings, seed: int) -> dict:
+    import dataclasses
+
+    import torch
+
+    from kl_patches.audit import AuditBatch, TabularPolicy, expected_gradient
+    from kl_patches.audit.engine import AuditProblem
+    from kl_patches.audit.policies import PolicySpec
+
+    label, cell, source, group = row
+    if regime.startswith("lag-"):
+        source = "sampler"  # the trainer's old log-probs are the snapshot's, computed when it sampled
+    kl_loss = regime_loss(cell)
+
+    def with_source(loss):
+        if source == "sampler":
+            return loss
+
+        def recomputed(batch):  # the trainer's recomputation with its current weights: ratio 1, no correction
+            return loss(dataclasses.replace(batch, behaviour_logp=batch.logp.detach()))
+
+        return recomputed
+
+    kl_loss = with_source(kl_loss)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    noise_generator = torch.Generator().manual_seed(30_000 + seed)
+    policy = task.new_policy()
+    state_noise = NOISE * torch.randn(policy.logits.shape, generator=noise_generator, dtype=torch.float64)
+    marks = set(record_steps(settings.steps, settings.points))
+    history = {}
+    trajectory = {}
+    sampler = TabularPolicy(task.vocab, task.horizon)
+    sampler.logits.requires_grad_(False)
+    for step in range(settings.steps + 1):
+        if step in marks:
+            trajectory[step] = task.metrics(policy)
+        if step == settings.steps:
+            break
+        history[step] = policy.logits.detach().clone()
+        with torch.no_grad():
+            sampler.logits.copy_(sampler_logits(regime, policy.logits.detach(), history, step, state_noise))
+            sampler_logp = sampler.token_logprobs(task.tokens, task.mask)
+            probs = sampler_logp.sum(-1).exp()
+        support = probs > 0
+        policy.zero_grad()
+        seq = policy.token_logprobs(task.tokens, task.mask).sum(-1)
+        (-(seq.exp() * task.reward).sum()).backward()  # exact task gradient in every run
+        task_grad = policy.logits.grad.detach().clone()
+        policy.zero_grad()
+        if dynamics == "exact":
+            problem = AuditProblem(PolicySpec(vocab=task.vocab, horizon=task.horizon, seed=task.seed), policy,
+                                   task.reference, sampler, task.tokens[support], task.mask[support])
+            kl_grad = expected_gradient(problem, kl_loss, group_size=group).gradient.reshape(policy.logits.shape)
+            lr = settings.exact_lr
+        else:
+            rows = torch.multinomial(probs, settings.batch, replacement=True, generator=generator)
+            logp = policy.token_logprobs(task.tokens, task.mask)
+            groups = settings.batch // GROUP
+            batch = AuditBatch(tokens=task.tokens[rows], mask=task.mask[rows], logp=logp[rows],
+                               ref_logp=task.ref_token_logp[rows], behaviour_logp=sampler_logp[rows],
+                               group_ids=torch.arange(groups).repeat_interleave(GROUP), rows=rows,
+                               group_size=GROUP, on_policy=False)
+            kl_loss(batch).mean().backward()
+            kl_grad = policy.logits.grad.detach().clone()
+            policy.zero_grad()
+            lr = settings.lr / (1.0 + step / settings.tau)
+        with torch.no_grad():
+            policy.logits -= lr * (task_grad + task.beta * kl_grad)
+        if not torch.isfinite(policy.logits).all():
+            trajectory[step + 1] = {k: math.nan for k in ("kl_to_optimum", "kl_to_reference", "expected_reward")}
+            break
+    return trajectory
+
+
+def run_regimes(rows: _common.Rows, settings: RegimeSettings, dynamics_list=("exact", "sampled")) -> None:
+    tasks = {seed: Task(seed) for seed in settings.seeds}
+    for regime in settings.regimes:
+        for dynamics in dynamics_list:
+            for index, row in enumerate(REGIME_ROWS):
+                if settings is REGIMES_QUICK and index not in QUICK_ROWS:
+                    continue
+                label, cell, source, group = row
+                if regime.startswith("lag-") and source == "trainer" and cell == "k1-rtg-loss (kl-patches)":
+                    continue  # the same run as mu = sampler there
+                started = time.perf_counter()
+                runs = [regime_train(tasks[s], row, regime, dynamics, settings, s) for s in settings.seeds]
+                steps = sorted(set.intersection(*(set(r) for r in runs)))
+                for step in steps:
+                    for metric in ("kl_to_optimum", "kl_to_reference", "expected_reward"):
+                        rows.add(what=f"regime-{regime}-{dynamics}", library="core", configuration=label,
+                                 metric=metric, unit="nats" if "kl" in metric else "reward",
+                                 values=[r[step][metric] for r in runs], x_name="step", x=step,
+                                 config={"regime": regime, "dynamics": dynamics, "cell": cell, "mu": source,
+                                         "seeds": len(runs), "steps": settings.steps, "batch": settings.batch,
+                                         "lr": settings.lr if dynamics == "sampled" else settings.exact_lr,
+                                         "tau": settings.tau, "title": REGIME_TITLES[regime]})
+                final = [r[steps[-1]]["kl_to_optimum"] for r in runs]
+                print(f"[{SCRIPT}] regime {regime:11s} {dynamics:7s} {label:55s} KL(pi||pi*) final median "
+                      f"{_common.quantiles(final)[0]:.2e} ({time.perf_counter() - started:.1f} s)")
+
+
+def plot_regimes(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    regimes = list(dict.fromkeys(r["what"].split("-", 1)[1].rsplit("-", 1)[0] for r in rows
+                                 if r["what"].startswith("regime-")))
+    colours = plt.get_cmap("tab10")
+    labels = [row[0] for row in REGIME_ROWS]
+    for regime in regimes:
+        fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+        for i, dynamics in enumerate(("exact", "sampled")):
+            mine = [r for r in rows if r["what"] == f"regime-{regime}-{dynamics}"]
+            for j, metric in enumerate(("kl_to_optimum", "kl_to_reference", "expected_reward")):
+                axis = axes[i, j]
+                for index, label in enumerate(labels):
+                    line = [r for r in mine if r["configuration"] == label and r["metric"] == metric]
+                    if not line:
+                        continue
+                    xs = [max(int(r["x"]), 1) for r in line]
+                    axis.plot(xs, [float(r["median"]) for r in line], "-" if "kl-patches" in label else "--",
+                              color=colours(index % 10), label=label, linewidth=2 if "kl-patches" in label else 1.2)
+                    axis.fill_between(xs, [float(r["p20"]) for r in line], [float(r["p80"]) for r in line],
+                                      color=colours(index % 10), alpha=0.12)
+                if metric == "kl_to_optimum":
+                    axis.set_yscale("log")
+                axis.set_xscale("log")
+                axis.set_title(f"{metric.replace('_', ' ')}, {dynamics}", fontsize=10)
+                axis.set_xlabel("update step")
+                axis.grid(alpha=0.3)
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8)
+        fig.suptitle(f"Convergence to pi*, regime: {REGIME_TITLES.get(regime, regime)}; median over seeds, p20-p80",
+                     fontsize=11)
+        fig.tight_layout(rect=(0, 0.1, 1, 0.96))
+        path = out / f"convergence_regime_{regime}.png"
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)  # tiny tensors: threading only adds noise on a shared machine
-    args = _common.parser(__doc__.split("\n")[0]).parse_args(argv)
+    parser = _common.parser(__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("classic", "regimes"),
+                        help="run only the classic on/stale study or only the regimes (default both)")
+    parser.add_argument("--regime-dynamics", choices=("exact", "sampled"),
+                        help="with --only regimes: run one dynamics and keep the other's rows")
+    args = parser.parse_args(argv)
     coverage, adapters = _common.resolve_coverage(args.libraries)
     rows = _common.Rows(SCRIPT, args.out)
     settings = QUICK if args.quick else FULL
-    if not args.plot_only:
+    if not args.plot_only and args.only and "core" in coverage.covered:
+        # a partial run keeps the core rows of the other study (the CSV is replaced per library)
+        if args.only == "classic":
+            def keep(what):
+                return what.startswith("regime-")
+        elif args.regime_dynamics:
+            def keep(what):
+                return not (what.startswith("regime-") and what.endswith(f"-{args.regime_dynamics}"))
+        else:
+            def keep(what):
+                return not what.startswith("regime-")
+    if not args.plot_only and args.only != "classic" and "core" in coverage.covered:
+        dynamics = (args.regime_dynamics,) if args.regime_dynamics else ("exact", "sampled")
+        run_regimes(rows, REGIMES_QUICK if args.quick else REGIMES_FULL, dynamics)
+    if not args.plot_only and args.only != "regimes":
         for library in list(coverage.covered):
             try:
                 configs = core_configurations() if library == "core" else library_configurations(library)
@@ -382,6 +631,9 @@ def main(argv=None) -> int:
                 coverage.skip(library, f"{type(err).__name__}: {err}")
                 continue
             run(rows, configs, settings, library)
+    if not args.plot_only and args.only and "core" in coverage.covered:
+        # read at the end, so that another partial run that finished meanwhile is kept too
+        rows.rows += [r for r in _common.read_rows(rows.path) if r["library"] == "core" and keep(r["what"])]
     _common.finish(rows, coverage, args, plot)
     return 0
 

@@ -10,16 +10,24 @@ float32. Two sources of log-probs:
   relative to the whole step is what matters.
 
 Each step is a token-mean policy-gradient loss (ratio x advantage) plus the KL: ``unpatched`` = beta * k3 in the
-loss (the GRPO / verl ``low_var_kl`` default); ``k1-rtg-loss`` = ``kl_patches.kl_rtg_loss`` with per-decision
-weights and a leave-one-out baseline, normalised by the batch's token count; ``k1-in-reward`` =
-``kl_patches.kl_advantage`` folded into the advantage (no KL term in the loss); ``no KL`` for scale. Variants are
-timed interleaved in one process (order alternating every repetition); the CSV holds the median / p20 / p80
-time and the per-repetition ratio to ``unpatched``.
+loss written as the libraries write it (TRL's and verl's ``low_var_kl`` line: exp(r) - r - 1 with r = ref - logp,
+verl's clamp to [-10, 10]; not the core's ``estimators.k3``, which validates and masks and so costs more);
+``unpatched (A/A control)`` = the very same step in a second slot, whose ratio band is the noise floor;
+``k1-rtg-loss`` = ``kl_patches.kl_rtg_loss`` with per-decision weights, normalised by the batch's token count;
+``k1-in-reward`` = ``kl_patches.kl_advantage`` folded into the advantage (no KL term in the loss); ``no KL``, a
+lower bound. Each repetition runs every variant once in a fresh random order; a timing value is the mean of as
+many back-to-back calls as last >= 20 ms (sub-millisecond KL-only steps are otherwise timer noise). The CSV holds
+the median / p20 / p80 time and per-repetition ratio to ``unpatched``; a target counts as "met" only when the p80
+of the ratio is within it, "within noise" when the p20-p80 band straddles it. ``--lengths`` sets the response
+lengths.
 
-Memory, two CPU measures (torch.cuda is not available here and tracemalloc does not see torch's allocator):
-``saved_bytes`` = bytes of the unique storages the autograd graph saves for backward
-(``torch.autograd.graph.saved_tensors_hooks``), and ``peak_rss`` = the step's peak resident-set increase in a
-fresh subprocess (Linux VmHWM after resetting it through /proc/self/clear_refs, minus the RSS before the step).
+Memory, two CPU measures (tracemalloc does not see torch's allocator): ``saved_bytes`` = bytes of the unique
+storages the autograd graph saves for backward (``torch.autograd.graph.saved_tensors_hooks``), and ``peak_rss`` =
+the step's peak resident-set increase in a fresh subprocess (Linux VmHWM after resetting it through
+/proc/self/clear_refs, minus the RSS before the step; LM-head source only), each with its absolute delta to
+``unpatched`` (``*_delta``) beside the ratio. Where CUDA exists the core measurement also runs on the GPU
+(``overhead-gpu-*``: device synchronised around each timed block, ``cuda_peak_bytes`` from torch.cuda memory
+stats); where it does not, the script says it skipped it.
 
 Libraries (verl, OpenRLHF, whose loss code takes log-prob tensors): their real loss functions through the adapters'
 helpers (``_libraries``), the library's default KL (unpatched) against the kl-patches mode that replaces it, loss
@@ -52,11 +60,20 @@ import _common  # noqa: E402
 SCRIPT = "overhead"
 BATCH, GROUP, BETA = 32, 8, 0.04
 HIDDEN, VOCAB = 64, 1024
-CORE_VARIANTS = ("unpatched", "k1-rtg-loss", "k1-in-reward", "no KL")
+#: "unpatched" is k3 written as the libraries write it (TRL's and verl's low_var_kl line: exp(r) - r - 1 on
+#: r = ref - logp, verl's clamp), not the core's ``estimators.k3`` (which costs more: input checks, masking);
+#: "unpatched (A/A control)" is the very same step in a second slot: its ratio band is the noise floor;
+#: "no KL" bounds from below what the KL costs at all.
+CORE_VARIANTS = ("unpatched", "unpatched (A/A control)", "k1-rtg-loss", "k1-in-reward", "no KL")
+CONTROL = "unpatched (A/A control)"
+#: a timing sample is the mean of enough back-to-back calls to last at least this long (short KL-only steps)
+MIN_SAMPLE_S = 0.02
 TARGET_TIME, TARGET_MEMORY = 1.03, 1.01
+#: one intra-op thread: on a shared machine a second thread turns every op into a wait for a descheduled worker
+THREADS = 1
 #: interleaved repetitions per source: sub-millisecond KL-only steps need many to beat a shared machine's jitter
-REPETITIONS = {"tensors": 101, "lm-head": 9}
-LIBRARY_REPETITIONS = {"tensors": 31, "lm-head": 7}
+REPETITIONS = {"tensors": 41, "lm-head": 15}
+LIBRARY_REPETITIONS = {"tensors": 41, "lm-head": 15}
 
 
 def make_inputs(source: str, length: int, seed: int = 0) -> dict:
@@ -108,8 +125,10 @@ def core_step(variant: str):
 
     def step(inputs: dict) -> None:
         logp = log_probs(inputs)
-        if variant == "unpatched":
-            kl = estimators.k3(logp, inputs["ref"], inputs["mask"]).sum() / inputs["num_tokens"]
+        if variant in ("unpatched", CONTROL):
+            log_ratio = inputs["ref"] - logp  # TRL / verl low_var_kl: exp(r) - r - 1, clamped as verl does
+            per_token = torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-10, max=10)
+            kl = torch.where(inputs["mask"], per_token, 0.0).sum() / inputs["num_tokens"]
             loss = policy_loss(logp, inputs, inputs["advantages"]) + BETA * kl
         elif variant == "k1-rtg-loss":
             loss = policy_loss(logp, inputs, inputs["advantages"]) + terms.kl_rtg_loss(
@@ -126,7 +145,7 @@ def core_step(variant: str):
             raise ValueError(variant)
         loss.backward()
 
-    del torch
+    del estimators
     return step
 
 
@@ -136,20 +155,50 @@ def clear_grads(inputs: dict) -> None:
             inputs[key].grad = None
 
 
-def time_interleaved(steps: dict, inputs: dict, repetitions: int) -> dict:
-    """{variant: [seconds per repetition]}, variants run back to back in alternating order each repetition."""
+def synchronise(inputs: dict) -> None:
+    import torch
+
+    if inputs.get("device", "cpu") != "cpu":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, inputs: dict, repetitions: int, min_sample: float = MIN_SAMPLE_S,
+                     seed: int = 0) -> dict:
+    """{variant: [seconds per call, one value per repetition]}. Each repetition runs every variant once, in a fresh
+    random order (no variant always first or last); a value is the mean of ``calls`` back-to-back calls, with
+    ``calls`` chosen so that a value lasts at least ``min_sample`` (sub-millisecond steps are otherwise noise).
+    On a GPU the device is synchronised before and after each timed block."""
+    import random
+
     names = list(steps)
+    order = random.Random(seed)
     for name in names:  # warm-up
         steps[name](inputs)
         clear_grads(inputs)
+    synchronise(inputs)
+    started = time.perf_counter()
+    steps[names[0]](inputs)
+    clear_grads(inputs)
+    synchronise(inputs)
+    calls = max(1, int(min_sample / max(time.perf_counter() - started, 1e-6)))
     times = {name: [] for name in names}
-    for repetition in range(repetitions):
-        for name in (names if repetition % 2 == 0 else names[::-1]):
+    for _ in range(repetitions):
+        for name in order.sample(names, len(names)):
+            synchronise(inputs)
             started = time.perf_counter()
-            steps[name](inputs)
-            times[name].append(time.perf_counter() - started)
-            clear_grads(inputs)
+            for _ in range(calls):
+                steps[name](inputs)
+                clear_grads(inputs)
+            synchronise(inputs)
+            times[name].append((time.perf_counter() - started) / calls)
     return times
+
+
+def verdict(ratios: list[float], target: float) -> str:
+    """'met' when the p80 of the per-repetition ratios is within the target, 'not met' when even the p20 is
+    above it, else 'within noise' (the band straddles the target)."""
+    _, low, high = _common.quantiles(ratios)
+    return "met" if high <= target else ("not met" if low > target else "within noise")
 
 
 def saved_bytes(step, inputs: dict) -> int:
@@ -183,7 +232,7 @@ def peak_rss_probe(source: str, variant: str, length: int) -> dict:
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     step = core_step(variant)
     step(make_inputs(source, 16, seed=1))  # warm-up: one-off allocations (kernels, thread pools) happen here
     inputs = make_inputs(source, length)
@@ -211,37 +260,95 @@ def measure_peak_rss(source: str, variant: str, length: int, repeats: int) -> li
     return values
 
 
-def core_overhead(rows: _common.Rows, quick: bool) -> None:
+def core_overhead(rows: _common.Rows, quick: bool, lengths=None, device: str = "cpu") -> None:
     import torch
 
-    torch.set_num_threads(2)
-    lengths = (64, 128) if quick else (512, 1024, 2048, 4096)
+    torch.set_num_threads(THREADS)
+    lengths = lengths or ((64, 128) if quick else (512, 1024, 2048, 4096))
     steps = {variant: core_step(variant) for variant in CORE_VARIANTS}
+    prefix = "overhead-" if device == "cpu" else "overhead-gpu-"
     for source in ("tensors", "lm-head"):
-        repetitions = 2 if quick else REPETITIONS[source]
+        repetitions = 3 if quick else REPETITIONS[source]
         for length in lengths:
-            inputs = make_inputs(source, length)
+            inputs = to_device(make_inputs(source, length), device)
             config = {"batch": BATCH, "group": GROUP, "source": source, "beta": BETA, "dtype": "float32",
-                      "threads": torch.get_num_threads(), "repetitions": repetitions,
+                      "threads": torch.get_num_threads(), "repetitions": repetitions, "device": device,
+                      "order": "random per repetition", "min_sample_s": 0.002 if quick else MIN_SAMPLE_S,
+                      "unpatched": "k3 as TRL/verl write it: exp(r) - r - 1, r = ref - logp, clamp [-10, 10]",
                       **({"hidden": HIDDEN, "vocab": VOCAB} if source == "lm-head" else {})}
-            times = time_interleaved(steps, inputs, repetitions)
-            what = f"overhead-{source}"
+            times = time_interleaved(steps, inputs, repetitions, min_sample=config["min_sample_s"])
+            what = f"{prefix}{source}"
+            memory = {}
+            for variant in CORE_VARIANTS:
+                if device == "cpu":
+                    memory[("saved_bytes", variant)] = [saved_bytes(steps[variant], inputs)]
+                    # quick: one subprocess set (each imports torch, ~1 s) just to exercise the path
+                    # peak RSS only where there is something to see (the LM head's logits); quick: once
+                    measured = source == "lm-head" and (not quick or length == lengths[0])
+                    peak = measure_peak_rss(source, variant, length, repeats=1 if quick else 3) if measured else None
+                    if peak is not None:
+                        memory[("peak_rss", variant)] = peak
+                else:
+                    memory[("cuda_peak_bytes", variant)] = [cuda_peak_bytes(steps[variant], inputs)]
             for variant, values in times.items():
                 common = dict(what=what, library="core", configuration=variant, x_name="response length",
                               x=length, config=config)
                 rows.add(metric="time", unit="ms", values=[1e3 * v for v in values], **common)
                 ratios = [a / b for a, b in zip(values, times["unpatched"])]
                 rows.add(metric="time_ratio_vs_unpatched", unit="ratio", values=ratios, **common)
-                saved = saved_bytes(steps[variant], inputs)
-                rows.add(metric="saved_bytes", unit="bytes", values=saved, **common)
-                # quick: one subprocess set (each imports torch, ~1 s) just to exercise the path
-                measured = not quick or (source == "lm-head" and length == lengths[0])
-                peak = measure_peak_rss(source, variant, length, repeats=1 if quick else 3) if measured else None
-                if peak is not None:
-                    rows.add(metric="peak_rss", unit="bytes", values=peak, **common)
-            summary = ", ".join(f"{v} {1e3 * statistics.median(t):.1f} ms" for v, t in times.items())
-            print(f"[{SCRIPT}] core {source:8s} T={length:5d}: {summary}")
+                for (metric, name), measured in memory.items():
+                    if name != variant:
+                        continue
+                    base = memory.get((metric, "unpatched"))
+                    rows.add(metric=metric, unit="bytes", values=measured, **common)
+                    if base:  # absolute deltas beside the ratios: a KiB saving inside MiB of logits is invisible
+                        rows.add(metric=f"{metric}_delta", unit="bytes",
+                                 values=[a - statistics.median(base) for a in measured], **common)
+            summary = ", ".join(f"{v} {1e3 * statistics.median(t):.2f} ms" for v, t in times.items())
+            print(f"[{SCRIPT}] core {device} {source:8s} T={length:5d}: {summary}")
             del inputs
+
+
+def to_device(inputs: dict, device: str) -> dict:
+    if device == "cpu":
+        return inputs
+    moved = {}
+    for key, value in inputs.items():
+        if hasattr(value, "to"):
+            leaf = value.is_leaf and value.requires_grad
+            value = value.detach().to(device)
+            if leaf:
+                value.requires_grad_()
+        moved[key] = value
+    moved["device"] = device
+    return moved
+
+
+def cuda_peak_bytes(step, inputs: dict) -> int:
+    """The step's peak CUDA memory above what was allocated before it (torch.cuda memory stats)."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    clear_grads(inputs)
+    return peak
+
+
+def gpu_overhead(rows: _common.Rows, quick: bool, lengths=None) -> bool:
+    """The core measurement on the GPU when CUDA exists (synchronised timers, CUDA memory stats); says so and
+    returns False when it does not."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"[{SCRIPT}] no CUDA device here: the GPU path (synchronised timers, torch.cuda memory stats) is "
+              "skipped")
+        return False
+    core_overhead(rows, quick, lengths=lengths, device="cuda")
+    return True
 
 
 def check_time(rows: _common.Rows, library: str, quick: bool) -> None:
@@ -341,7 +448,7 @@ def trl_trainers(length: int, folder: str):
     return trainers
 
 
-def trl_overhead(rows: _common.Rows, quick: bool) -> None:
+def trl_overhead(rows: _common.Rows, quick: bool, lengths=None) -> None:
     """TRL's real step, patched versus unpatched: ``_generate_and_score_completions`` (TRL's scoring of a fixed
     generation batch: rewards, advantages, reference log-probs; kl-patches adds the sequence KL, which needs the
     sampling log-probs: one extra no-grad forward when the batch is on-policy) and ``compute_loss`` + backward."""
@@ -350,10 +457,13 @@ def trl_overhead(rows: _common.Rows, quick: bool) -> None:
     import torch
     import transformers
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
-    lengths = (32,) if quick else (512, 1024, 2048)
-    repetitions = 1 if quick else 5
+    import random
+
+    lengths = lengths or ((32,) if quick else (512, 1024, 2048))
+    repetitions = 1 if quick else 21  # 5 gave a +-30 % band (issue 17)
+    order = random.Random(0)
     for length in lengths:
         with tempfile.TemporaryDirectory() as folder:
             trainers = trl_trainers(length, folder)
@@ -381,7 +491,7 @@ def trl_overhead(rows: _common.Rows, quick: bool) -> None:
                 saved[name] = saved_bytes(lambda _: trainer.compute_loss(trainer.model, inputs).backward(), {})
                 trainer.model.zero_grad(set_to_none=True)
             for repetition in range(repetitions):
-                for name in (names if repetition % 2 == 0 else names[::-1]):
+                for name in order.sample(names, len(names)):  # a fresh random order every repetition
                     step(name, record=True)
             config = {"batch": BATCH, "group": GROUP, "beta": 0.04, "model": "Llama hidden 64, 2 layers, vocab 1024",
                       "dtype": "float32", "threads": torch.get_num_threads(), "repetitions": repetitions,
@@ -408,7 +518,7 @@ def trl_overhead(rows: _common.Rows, quick: bool) -> None:
                 f"{1e3 * statistics.median(times[(n, 'loss')]):.0f} ms" for n in names))
 
 
-def library_overhead(rows: _common.Rows, library: str, quick: bool) -> None:
+def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None) -> None:
     """Each pair (the library's default KL, the kl-patches mode replacing it) timed interleaved through the
     library's own loss code (``_libraries``), with the patch state each path needs."""
     import contextlib
@@ -417,12 +527,15 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool) -> None:
 
     import _libraries
 
+    import random
+
     if library == "trl":
-        return trl_overhead(rows, quick)
+        return trl_overhead(rows, quick, lengths)
     if library not in LIBRARY_PAIRS:
         raise LookupError(f"no overhead pairs for {library}")
-    torch.set_num_threads(2)
-    lengths = (64, 128) if quick else (512, 1024, 2048, 4096)
+    torch.set_num_threads(THREADS)
+    lengths = lengths or ((64, 128) if quick else (512, 1024, 2048, 4096))
+    order = random.Random(0)
     paths = _libraries.checked_paths(library, group=GROUP)
     for unpatched_index, patched_index in LIBRARY_PAIRS[library]:
         unpatched, patched = paths[unpatched_index], paths[patched_index]
@@ -452,7 +565,7 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool) -> None:
                         step(inputs)
                     clear_grads(inputs)
                 for repetition in range(repetitions):
-                    for name, context in (entries if repetition % 2 == 0 else entries[::-1]):
+                    for name, context in order.sample(entries, len(entries)):  # random order per repetition
                         with context() as step:
                             started = time.perf_counter()
                             step(inputs)
@@ -537,7 +650,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["--probe"]:
         print(json.dumps(peak_rss_probe(*json.loads(argv[1]))))
         return 0
-    args = _common.parser(__doc__.split("\n")[0]).parse_args(argv)
+    parser = _common.parser(__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", metavar="T",
+                        help="response lengths (default 512 1024 2048 4096; --quick 64 128)")
+    args = parser.parse_args(argv)
     coverage, adapters = _common.resolve_coverage(args.libraries)
     rows = _common.Rows(SCRIPT, args.out)
     if not args.plot_only:
@@ -545,9 +661,10 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             try:
                 if library == "core":
-                    core_overhead(rows, args.quick)
+                    core_overhead(rows, args.quick, lengths=args.lengths)
+                    gpu_overhead(rows, args.quick, lengths=args.lengths)
                 else:
-                    library_overhead(rows, library, args.quick)
+                    library_overhead(rows, library, args.quick, lengths=args.lengths)
                 check_time(rows, library, args.quick)
             except Exception as err:  # noqa: BLE001 - reported as skipped, never silently
                 coverage.skip(library, f"{type(err).__name__}: {err}")

@@ -36,6 +36,7 @@ SCRIPTS = {
     "variance": ("core", *_common.LIBRARIES),
     "overhead": ("core", *_common.LIBRARIES),
     "trl_run": ("trl",),
+    "truncation": ("core",),
 }
 
 

@@ -37,7 +37,8 @@ TARGETS = (0.1, 0.01)
 GROUP_SIZES = (2, 4, 8, 16)  # group sizes reported for the leave-one-out estimators
 PLOTTED_GROUPS = (1, 8)  # MSE(n) curves: uncoupled estimators and leave-one-out groups of 8 (GRPO-like)  # relative MSE levels for "responses needed"
 SEQUENCE_K1 = "k1 in reward, sequence sum, no baseline"  # the yardstick of the target
-RTG_LOSS = "kl-patches k1-rtg-loss (reward-to-go + leave-one-out)"
+RTG_LOSS = "kl-patches k1-rtg-loss (reward-to-go, no baseline: the default)"
+RTG_SEQUENCE_LOO = "k1 reward-to-go + sequence leave-one-out (k1-rtg-loss baseline=\"sequence-loo\")"
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _rtg(baseline: str, truncation: float | None = None):
         per_row = terms.kl_rtg_loss(
             batch.logp, batch.ref_logp, batch.mask, beta=1.0,
             behaviour_logp=None if batch.on_policy else batch.behaviour_logp,
-            group_ids=batch.group_ids if baseline == "leave-one-out" else None, baseline=baseline,
+            group_ids=batch.group_ids if baseline != "none" else None, baseline=baseline,
             truncation=None if batch.on_policy else truncation, reduction="none",
         )
         return per_row.reshape(-1, batch.group_size).mean(-1)
@@ -79,8 +80,8 @@ def core_estimators() -> list[Estimator]:
         Estimator("core", SEQUENCE_K1, cells["k1 in reward (sequence sum)"].loss, 1, "on", True),
         Estimator("core", "k1 in reward, sequence sum + leave-one-out (kl-patches k1-in-reward)",
                   cells["k1-in-reward (kl-patches)"].loss, 2, "on", True, "k1-in-reward"),
-        Estimator("core", "k1 reward-to-go, no baseline", _rtg("none"), 1, "on", True, "k1-rtg-loss"),
-        Estimator("core", RTG_LOSS, _rtg("leave-one-out"), 2, "on", True, "k1-rtg-loss"),
+        Estimator("core", RTG_LOSS, _rtg("none"), 1, "on", True, "k1-rtg-loss"),
+        Estimator("core", RTG_SEQUENCE_LOO, _rtg("sequence-loo"), 2, "on", True, "k1-rtg-loss"),
         Estimator("core", "k3 in reward and in loss", cells["k3 in reward and in loss"].loss, 1, "on", True),
         Estimator("core", "k3 in loss (GRPO default)", cells["k3 in loss (GRPO default)"].loss, 1, "on", False),
         Estimator("core", "k1 in loss", cells["k1 in loss"].loss, 1, "on", False),
@@ -89,10 +90,10 @@ def core_estimators() -> list[Estimator]:
         Estimator("core", "k3 in reward", cells["k3 in reward"].loss, 1, "on", False),
     ]
     off = [
-        Estimator("core", "off-policy k1-rtg-loss, per-decision weights + leave-one-out (kl-patches)",
-                  _rtg("leave-one-out"), 2, "off", True, "k1-rtg-loss"),
-        Estimator("core", "off-policy k1-rtg-loss, per-decision weights, no baseline", _rtg("none"), 1, "off", True,
-                  "k1-rtg-loss"),
+        Estimator("core", "off-policy k1-rtg-loss, per-decision weights, no baseline (kl-patches default)",
+                  _rtg("none"), 1, "off", True, "k1-rtg-loss"),
+        Estimator("core", "off-policy k1-rtg-loss, per-decision weights + sequence leave-one-out",
+                  _rtg("sequence-loo"), 2, "off", True, "k1-rtg-loss"),
         Estimator("core", f"off-policy k1-rtg-loss, weights truncated at {ref.TRUNCATION:g} + leave-one-out",
                   _rtg("leave-one-out", ref.TRUNCATION), 2, "off", False, "k1-rtg-loss"),
         Estimator("core", "off-policy k1-rtg-loss, weights truncated at 2 + leave-one-out",
@@ -138,8 +139,9 @@ def grid(quick: bool, library: str = "core"):
     if quick:
         return [PolicySpec(vocab=3, horizon=2 if library != "core" else 3, seed=0)]
     shapes = ((3, 3), (3, 4), (4, 3)) if library == "core" else ((3, 3),)
+    seeds = (0,) if library == "core" else (0, 1, 2)  # core: one seed (2 shared cores; was 3)
     return [PolicySpec(vocab=v, horizon=h, seed=s, distance=d, staleness=0.3)
-            for s in (0, 1, 2) for v, h in shapes for d in (0.5, 1.0)]
+            for s in seeds for v, h in shapes for d in (0.5, 1.0)]
 
 
 def group_gradients(problem, loss_fn, group_size: int):
@@ -324,11 +326,258 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return [path]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Baselines of k1-rtg-loss, compared exactly (issue 9)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# The position-wise leave-one-out baseline (mean reward-to-go of the *other members still generating* at t) is a
+# ratio of sums over the group, not a pair U-statistic, so Hoeffding's formula does not apply. Here every
+# estimator's group estimate is computed on every *multiset* of G enumerated responses (weighted by its multinomial
+# probability: the group estimate is symmetric in its members), which is exact; where there are too many multisets
+# (groups of 8/16 on the larger policies) groups are sampled i.i.d. and the variance carries a standard error.
+# Gradients live in an orthonormal basis of the span of the score vectors (and, for the Rao-Blackwellised
+# estimator, of the per-position KL gradients): norms and inner products are those of the parameter space.
+
+BASELINE_ESTIMATORS = ("sequence k1 in reward", "none", "sequence-loo", "position-loo", "rao-blackwellised")
+BASELINE_LABELS = {
+    "sequence k1 in reward": "k1 in reward, sequence sum, no baseline (yardstick)",
+    "none": "k1-rtg-loss, baseline \"none\" (default)",
+    "sequence-loo": "k1-rtg-loss, baseline \"sequence-loo\"",
+    "position-loo": "k1-rtg-loss, baseline \"position-loo\"",
+    "rao-blackwellised": "Rao-Blackwellised k1 (full-vocabulary per-position KL + reward-to-go of it; reference row)",
+}
+UNCOUPLED = ("sequence k1 in reward", "none", "rao-blackwellised")  # no group statistic: G only divides
+MAX_MULTISETS = 130_000  # groups of 2 and 4 enumerated on every policy of the grid
+SAMPLED_GROUPS = 5_000
+
+
+def full_vocab_logprobs(policy, tokens):
+    """log pi(.|s_t) over the whole vocabulary at every position, (N, T, V): the tabular policy only."""
+    import torch
+
+    return torch.log_softmax(policy.logits[policy.prefix_codes(tokens)], dim=-1)
+
+
+def baseline_basis(problem):
+    """Per-(response, position) score vectors and per-position KL gradients in coordinates of one orthonormal
+    basis of their span: (scores (N, T, k), kl_grads (N, T, k) or None, per-position KL (N, T) or None)."""
+    import torch
+
+    from kl_patches.audit.policies import TabularPolicy
+
+    parameters = problem.parameters()
+    mask = problem.mask
+    logp = problem.policy.token_logprobs(problem.tokens, mask)
+    n, t = logp.shape
+    vectors = []
+
+    def grad(value):
+        grads = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters)])
+
+    size = sum(p.numel() for p in parameters)
+    zero = torch.zeros(size, dtype=torch.float64)
+    scores = [grad(logp[i, s]) if mask[i, s] else zero for i in range(n) for s in range(t)]
+    vectors += scores
+    kl_grads = position_kl = None
+    if isinstance(problem.policy, TabularPolicy):
+        log_pi = full_vocab_logprobs(problem.policy, problem.tokens)
+        with torch.no_grad():
+            log_ref = full_vocab_logprobs(problem.reference, problem.tokens)
+        kl = (log_pi.exp() * (log_pi - log_ref)).sum(-1)  # KL(pi(.|s_t) || pi_ref(.|s_t)), (N, T)
+        kl_grads = [grad(kl[i, s]) if mask[i, s] else zero for i in range(n) for s in range(t)]
+        vectors += kl_grads
+        position_kl = torch.where(mask, kl.detach(), torch.zeros((), dtype=kl.dtype))
+    matrix = torch.stack(vectors)  # (m, P)
+    q, r = torch.linalg.qr(matrix.T)  # matrix = r.T q.T: coordinates r.T in the orthonormal basis q
+    coords = r.T
+    score_coords = coords[: n * t].reshape(n, t, -1)
+    kl_coords = None if kl_grads is None else coords[n * t:].reshape(n, t, -1)
+    return score_coords, kl_coords, position_kl, q
+
+
+def baseline_coefficients(kind, lp, rf, mk, bh, gid, position_kl):
+    """(score coefficients (rows, T), direct coefficients of the per-position KL gradients (rows, T) or None)."""
+    import torch
+
+    from kl_patches import terms
+
+    if kind == "sequence k1 in reward":
+        seq = terms.masked_log_ratio(lp, rf, mk).sum(-1)
+        return terms.masked(seq[:, None].expand_as(lp).clone(), mk), None
+    if kind == "rao-blackwellised":
+        # grad E[sum_t KL_t(s_t)] = E[sum_t grad KL_t(s_t) + sum_t grad log pi(y_t|s_t) sum_{t'>t} KL_t'(s_t')];
+        # off-policy the term at t' carries rho_{1:t'-1} (the prefix that reached s_t').
+        if bh is None:
+            before = mk.to(lp.dtype)
+        else:
+            rho = terms.prefix_importance_weights(lp, bh, mk)
+            before = torch.cat([torch.ones_like(rho[:, :1]), rho[:, :-1]], dim=1) * mk
+        weighted = before * position_kl
+        after = terms.reverse_cumsum(weighted) - weighted  # strictly after t
+        return terms.masked(after, mk), before
+    return terms.rtg_coefficients(lp, rf, mk, behaviour_logp=bh, group_ids=gid, baseline=kind), None
+
+
+def multisets(n: int, group: int):
+    """Every multiset of ``group`` of n items (sorted tuples) and its multinomial coefficient."""
+    import itertools
+
+    import torch
+
+    members = torch.tensor(list(itertools.combinations_with_replacement(range(n), group)), dtype=torch.long)
+    counts = torch.zeros(members.shape[0], n, dtype=torch.float64).scatter_add_(
+        1, members, torch.ones(members.shape, dtype=torch.float64))
+    log_coef = math.lgamma(group + 1) - torch.lgamma(counts + 1).sum(1)
+    return members, log_coef
+
+
+def baseline_moments(problem, kinds, groups, seed: int = 0, basis=None) -> dict:
+    """{(kind, G): (relative variance per response, its standard error, relative bias^2, exact?)}: the variance of
+    the mean of one group's G estimates, times G (responses needed scale with it), relative to |grad KL|^2."""
+    import torch
+
+    from kl_patches.audit.engine import enumerated_logprobs
+
+    truth = exact_kl_gradient_detached(problem)
+    scale = float(truth.pow(2).sum())
+    scores, kl_grads, position_kl, q = basis or baseline_basis(problem)
+    q_truth = q.T @ truth  # grad KL_seq lies in the span of the score vectors (checked)
+    if float((q @ q_truth - truth).norm()) > 1e-9 * float(truth.norm()):
+        raise RuntimeError("grad KL_seq is not in the span of the score vectors")
+    logp, ref_logp, behaviour_logp, weights = enumerated_logprobs(problem)
+    logp = logp.detach()
+    n = logp.shape[0]
+    out = {}
+    for group in groups:
+        count = math.comb(n + group - 1, group)
+        exact = count <= MAX_MULTISETS
+        if exact:
+            members, log_coef = multisets(n, group)
+            group_weights = torch.exp(log_coef + torch.log(weights)[members].sum(1))
+        else:
+            generator = torch.Generator().manual_seed(seed + group)
+            members = torch.multinomial(weights, SAMPLED_GROUPS * group, replacement=True,
+                                        generator=generator).reshape(SAMPLED_GROUPS, group)
+            group_weights = torch.full((SAMPLED_GROUPS,), 1.0 / SAMPLED_GROUPS, dtype=torch.float64)
+        for kind in kinds:
+            if kind == "rao-blackwellised" and kl_grads is None:
+                continue
+            if kind in UNCOUPLED and group != groups[0] and (kind, groups[0]) in out:
+                out[(kind, group)] = out[(kind, groups[0])]
+                continue
+            estimates = []
+            step = max(1, 8_000 // group)
+            for start in range(0, members.shape[0], step):
+                chunk = members[start:start + step]
+                rows = chunk.reshape(-1)
+                gid = torch.arange(chunk.shape[0]).repeat_interleave(group)
+                bh = None if problem.on_policy else behaviour_logp[rows]
+                score_c, direct_c = baseline_coefficients(kind, logp[rows], ref_logp[rows], problem.mask[rows], bh,
+                                                          gid, None if position_kl is None else position_kl[rows])
+                g = torch.einsum("rt,rtk->rk", score_c, scores[rows])
+                if direct_c is not None:
+                    g = g + torch.einsum("rt,rtk->rk", direct_c, kl_grads[rows])
+                estimates.append(g.reshape(chunk.shape[0], group, -1).mean(1))
+            estimates = torch.cat(estimates)
+            mean = (group_weights[:, None] * estimates).sum(0)
+            deviations = (estimates - mean).pow(2).sum(1)
+            variance = float((group_weights * deviations).sum())
+            if exact:
+                error = 0.0
+            else:
+                variance *= SAMPLED_GROUPS / (SAMPLED_GROUPS - 1)
+                error = float(deviations.std()) / math.sqrt(SAMPLED_GROUPS)
+            bias2 = float((mean - q_truth).pow(2).sum()) / scale
+            out[(kind, group)] = (group * variance / scale, group * error / scale, bias2, exact)
+    return out
+
+
+def exact_kl_gradient_detached(problem):
+    from kl_patches.audit import exact_kl_gradient
+
+    return exact_kl_gradient(problem).detach()
+
+
+def baseline_grid(quick: bool):
+    from kl_patches.audit import PolicySpec
+
+    if quick:
+        return [PolicySpec(vocab=3, horizon=3, seed=0)]
+    return [PolicySpec(vocab=v, horizon=h, seed=s, distance=d, staleness=0.3)
+            for s in (0, 1, 2) for v, h in ((3, 3), (3, 4), (4, 3)) for d in (0.5, 1.0)]
+
+
+def check_multisets() -> float:
+    """The multiset enumeration against Hoeffding's formula on the sequence-loo baseline (a pair U-statistic),
+    groups of 3 and 4, on and off policy: the relative difference (must be at rounding level)."""
+    from kl_patches.audit import PolicySpec, build_problem
+
+    worst = 0.0
+    for off in (False, True):
+        problem = build_problem(PolicySpec(vocab=3, horizon=2, seed=3), off_policy=off)
+        truth = exact_kl_gradient_detached(problem)
+        scale = float(truth.pow(2).sum())
+        grads, weights = group_gradients(problem, _rtg("sequence-loo"), 2)
+        zeta1, zeta2 = hoeffding_zetas(grads, weights, (weights[:, None] * grads).sum(0))
+        mine = baseline_moments(problem, ("sequence-loo",), (3, 4))
+        for group in (3, 4):
+            hoeffding = group * u_variance(zeta1, zeta2, group) / scale
+            worst = max(worst, abs(mine[("sequence-loo", group)][0] - hoeffding) / hoeffding)
+    if worst > 1e-8:
+        raise RuntimeError(f"multiset enumeration disagrees with Hoeffding's formula: {worst:.2e}")
+    return worst
+
+
+def run_baselines(rows: _common.Rows, quick: bool) -> None:
+    from kl_patches.audit import build_problem
+
+    print(f"[{SCRIPT}] baselines: multiset enumeration matches Hoeffding's formula to {check_multisets():.1e}")
+    groups = (2, 4) if quick else GROUP_SIZES
+    specs = baseline_grid(quick)
+    results = {}
+    for regime in ("on", "off"):
+        for spec in specs:
+            problem = build_problem(spec, off_policy=regime == "off")
+            started = time.perf_counter()
+            moments_ = baseline_moments(problem, BASELINE_ESTIMATORS, groups, seed=spec.seed)
+            print(f"[{SCRIPT}] baselines {regime} V={spec.vocab} T={spec.horizon} seed={spec.seed} "
+                  f"d={spec.distance}: {time.perf_counter() - started:.1f} s")
+            for key, value in moments_.items():
+                results.setdefault((regime, *key), []).append(value)
+    for (regime, kind, group), values in results.items():
+        yard_kind = "sequence k1 in reward" if regime == "on" else "none"
+        yard = results.get((regime, yard_kind, group))
+        common = dict(what="variance-baselines", library="core", configuration=BASELINE_LABELS[kind],
+                      x_name="group_size", x=group,
+                      config={"regime": regime, "group_size": group, "baseline": kind, "policies": len(values),
+                              "exact_fraction": sum(v[3] for v in values) / len(values),
+                              "yardstick": BASELINE_LABELS[yard_kind],
+                              "sampled_groups": SAMPLED_GROUPS, "max_multisets": MAX_MULTISETS})
+        rows.add(metric="relative_variance_per_response", unit="|grad KL|^2", values=[v[0] for v in values], **common)
+        rows.add(metric="relative_variance_se", unit="|grad KL|^2", values=[v[1] for v in values], **common)
+        rows.add(metric="relative_bias2", unit="|grad KL|^2", values=[v[2] for v in values], **common)
+        ratios = [v[0] / y[0] for v, y in zip(values, yard)]
+        # all of these are unbiased (bias^2 ~ 1e-30): responses needed for any MSE target scale with the variance
+        rows.add(metric="responses_vs_yardstick", unit="ratio", values=ratios, **common)
+        if regime == "off":
+            rows.add(metric="responses_vs_none", unit="ratio", values=ratios, **common)
+        none = results.get((regime, "none", group))
+        if none is not None:
+            worse = sum(v[0] > n_[0] * (1 + 1e-9) + 2 * (v[1] + n_[1]) for v, n_ in zip(values, none))
+            rows.add(metric="policies_worse_than_none", unit="policies", values=[worse], **common)
+        print(f"[{SCRIPT}] baselines {regime:3s} G={group:2d} {kind:22s} responses vs {yard_kind}: "
+              f"{_common.quantiles(ratios)[0]:.3f} [{_common.quantiles(ratios)[1]:.3f}, "
+              f"{_common.quantiles(ratios)[2]:.3f}]  max bias^2 {max(v[2] for v in values):.1e}")
+
+
 def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    args = _common.parser(__doc__.split("\n")[0]).parse_args(argv)
+    parser = _common.parser(__doc__.split("\n")[0])
+    parser.add_argument("--no-baselines", action="store_true", help="skip the k1-rtg-loss baseline comparison")
+    args = parser.parse_args(argv)
     coverage, adapters = _common.resolve_coverage(args.libraries)
     rows = _common.Rows(SCRIPT, args.out)
     if not args.plot_only:
@@ -340,6 +589,8 @@ def main(argv=None) -> int:
             except Exception as err:  # noqa: BLE001 - reported as skipped, never silently
                 coverage.skip(library, f"{type(err).__name__}: {err}")
                 continue
+            if library == "core" and not args.no_baselines:
+                run_baselines(rows, args.quick)
             print(f"[{SCRIPT}] {library}: {time.perf_counter() - started:.1f} s")
     _common.finish(rows, coverage, args, plot)
     return 0

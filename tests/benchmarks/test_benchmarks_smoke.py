@@ -27,9 +27,12 @@ COLUMNS = ["what", "library", "configuration", "metric", "unit", "x_name", "x", 
 CORE_OUTPUTS = {
     "bias_table": ({"bias", "bias_by_distance", "bias_audit_time"}, ["bias_table_core.png"]),
     "convergence": ({"convergence-sampled-on", "convergence-sampled-stale", "convergence-exact-on",
-                     "convergence-exact-stale", "convergence-optimum"},
-                    ["convergence_sampled.png", "convergence_exact.png"]),
-    "variance": ({"variance", "variance-mse"}, ["variance.png"]),
+                     "convergence-exact-stale", "convergence-optimum", "regime-lag-4-exact", "regime-lag-4-sampled",
+                     "regime-top-p-exact", "regime-top-p-sampled"},
+                    ["convergence_sampled.png", "convergence_exact.png", "convergence_regime_lag-4.png",
+                     "convergence_regime_top-p.png"]),
+    "variance": ({"variance", "variance-mse", "variance-baselines"}, ["variance.png"]),
+    "truncation": ({"truncation"}, ["truncation.png"]),
     "overhead": ({"overhead-tensors", "overhead-lm-head", "check_time"}, ["overhead_core.png"]),
 }
 
@@ -166,7 +169,7 @@ def test_run_all_and_report_regenerate_everything(tmp_path, plotting, untouched_
             assert (QUICK / image).exists()
     assert "== summary ==" in result.stdout
     text = (QUICK / "results.md").read_text()
-    for heading in ("### 1.", "### 2.", "### 3.", "### 4.", "### 5."):
+    for heading in ("### 1.", "### 2.", "### 3.", "### 4.", "### 5.", "### 6."):
         assert heading in text
     assert "python benchmarks/run_all.py" in text
     # report.py alone, elsewhere: also never the README.
