@@ -130,11 +130,13 @@ def refusals(args, mode: str, *, vocab_size: int | None = None, use_vllm: bool |
     return found
 
 
-def warnings_for(args, mode: str, use_vllm: bool | None = None) -> list[str]:
+def warnings_for(args, mode: str, use_vllm: bool | None = None, correction: bool | None = None) -> list[str]:
     """Configurations kl-patches follows TRL on, but which the user should know about."""
     said = []
     use_vllm = bool(getattr(args, "use_vllm", False)) if use_vllm is None else use_vllm
-    if use_vllm and not getattr(args, "vllm_importance_sampling_correction", True):
+    if correction is None:
+        correction = bool(getattr(args, "vllm_importance_sampling_correction", True))
+    if use_vllm and not correction:
         said.append(
             f"kl-patches mode {mode!r}: use_vllm=True with vllm_importance_sampling_correction=False. TRL then trusts "
             "no sampler log-probs, and kl-patches follows it (mu = the trainer's log-probs), so a vLLM/trainer "
@@ -160,7 +162,8 @@ def check_trainer(trainer, mode: str, version: str) -> None:
                      trainer_attrs=attrs)
     if found:
         raise PatchError(" ".join(r.message(mode, version) for r in found))
-    for message in warnings_for(trainer.args, mode, use_vllm=bool(trainer.use_vllm)):
+    for message in warnings_for(trainer.args, mode, use_vllm=bool(trainer.use_vllm),
+                                correction=bool(getattr(trainer, "vllm_importance_sampling_correction", True))):
         logger.warning(message)
         warnings.warn(message, UserWarning, stacklevel=3)
     setattr(trainer, CHECKED_FLAG, mode)

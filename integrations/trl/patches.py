@@ -5,8 +5,8 @@
 ``trl.trainer.grpo_trainer.GRPOTrainer`` (the class ``trl.GRPOTrainer`` names), each replacement delegating to
 :mod:`.kl` with TRL's original method. Subclasses inherit the patch; kl-patches' own subclass (which carries its
 mode in its config) is left alone. ``RLOOTrainer`` is deliberately not a target: its KL is already k1 in the
-reward with a leave-one-out baseline (exact on-policy); a process that enables a mode is told so once when it
-imports it.
+reward with a leave-one-out baseline (exact on-policy); its constructor is wrapped only to say so, once per
+process, when a mode is enabled.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from kl_patches.integrations.trl import SUPPORTED, kl
 from kl_patches.integrations.trl import config as trl_config
-from kl_patches.patching import Integration, Patch, PatchError
+from kl_patches.patching import DeferredPatch, Integration, Patch, PatchError
 
 logger = logging.getLogger("kl_patches.trl")
 
@@ -71,9 +71,8 @@ class TRLIntegration(Integration):
     distribution = "trl"
     supported = SUPPORTED
 
-    def build_patches(self, mode: str) -> list[Patch]:
+    def build_patches(self, mode: str) -> list[Patch | DeferredPatch]:
         import importlib
-        import sys
 
         if mode != "library" and trl_config.unsloth_installed():
             raise PatchError(
@@ -85,17 +84,23 @@ class TRLIntegration(Integration):
             owner = getattr(importlib.import_module(target.module), target.owner)
             patches.append(Patch(owner, target.attribute, getattr(self, target.factory), self.library))
         if mode != "library":
-            if RLOO_MODULE in sys.modules:
-                say_rloo_not_patched(mode)
-            else:
-                import wrapt
-
-                wrapt.register_post_import_hook(lambda _module: self.mode and say_rloo_not_patched(self.mode),
-                                                RLOO_MODULE)
+            # RLOOTrainer is not patched: its constructor only says so, once (behaviour unchanged).
+            patches.append(DeferredPatch(RLOO_MODULE, "RLOOTrainer", "__init__", self._rloo_init_replacement,
+                                         self.library))
         return patches
 
     # Each replacement reads ``self.mode`` when called, so one set serves every mode; an instance of kl-patches'
     # own GRPOTrainer subclass applies its config's mode itself and passes straight through here.
+
+    def _rloo_init_replacement(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        integration = self
+
+        def __init__(trainer, *args, **kwargs):
+            if integration.mode not in (None, "library"):
+                say_rloo_not_patched(integration.mode)
+            return original(trainer, *args, **kwargs)
+
+        return __init__
 
     def _stand_aside(self, trainer) -> bool:
         return getattr(trainer, kl.OWNER_FLAG, False) or self.mode is None

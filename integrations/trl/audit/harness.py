@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import types
 import warnings
@@ -204,9 +205,8 @@ class ResponseFeeder:
             raise RuntimeError(
                 f"the trainer asked for {len(prompt_ids)} completions, the feeder holds {len(self.rows)}")
         completions = [list(self.responses[int(r)]) for r in self.rows]
-        from trl import RLOOTrainer
-
-        if isinstance(self.trainer, RLOOTrainer):  # RLOO's returns the ids only; GRPO's (ids, sampling logprobs)
+        rloo = sys.modules.get("trl.trainer.rloo_trainer")  # not imported here: only RLOO cells need it
+        if rloo is not None and isinstance(self.trainer, rloo.RLOOTrainer):  # RLOO's returns the ids only; GRPO's (ids, sampling logprobs)
             return completions
         if self.sampler is None:
             return completions, None
