@@ -77,11 +77,13 @@ class OwnK3Trainer(__import__("trl").GRPOTrainer):
         return loss + self.beta * (torch.exp(ref) - ref - 1).mean() * 0.0
 
 
-class VouchedTrainer(OwnK3Trainer):
+class VouchedTrainer(__import__("trl").GRPOTrainer):
+    """An override that logs and delegates, and says so."""
+
     _kl_patches_allow_override = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super(OwnK3Trainer, self).compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 @pytest.mark.parametrize("way", ["patch", "subclass"])
