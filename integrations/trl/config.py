@@ -111,6 +111,8 @@ def refusals(args, mode: str, *, vocab_size: int | None = None, use_vllm: bool |
                 "each action but not the prefix distribution", FIX_RTG))
         loss_type = attrs.get("loss_type", getattr(args, "loss_type", None))
         epsilon_high = attrs.get("epsilon_high", getattr(args, "epsilon_high", None))
+        if epsilon_high is None:  # TRL's GRPOTrainer: epsilon_high defaults to epsilon
+            epsilon_high = getattr(args, "epsilon", None)
         if loss_type == "cispo" and epsilon_high is not None and float(epsilon_high) < 1.0:
             found.append(Refusal(
                 f"loss_type=cispo, epsilon_high={epsilon_high}", "CISPO clamps the ratio at epsilon_high < 1, which "

@@ -41,6 +41,9 @@ from kl_patches.integrations.trl.audit.harness import (
 from kl_patches.integrations.trl.audit.user import audit_user_config, parse_user_config
 
 
+DEFAULT_HORIZON = 2
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """The audit's tensors are tiny: intra-op threads only add synchronisation (x100 slower on a busy machine)."""
@@ -84,16 +87,24 @@ def audit(spec: PolicySpec | None = None, *, config: str | None = None, args: Se
     Without ``config``/``args``: unpatched GRPO configurations (defaults with beta > 0, without the bias
     correction, sequence-level importance sampling, each loss type), RLOO, then each kl-patches mode, on- and
     off-policy, plus a ``not covered`` record for every trainer overriding ``_compute_loss``."""
-    spec = PolicySpec() if spec is None else spec
+    notes = []
+    if spec is None or spec == PolicySpec():
+        # The CLI's default spec (V=3, H=3) enumerates 225 groups per loss cell: TRL's check uses H=2 (49) to stay
+        # fast; pass any other --vocab/--horizon/--seed to audit that spec instead.
+        spec = PolicySpec(horizon=DEFAULT_HORIZON)
+        notes.append(f"kl-patches check --library trl enumerates horizon {DEFAULT_HORIZON} by default")
     require_version(LIBRARY_NAME, SUPPORTED)
     with single_thread(), quiet():
         if config is not None or args:
-            return audit_user_config(spec, parse_user_config(config, args))
+            records = audit_user_config(spec, parse_user_config(config, args))
+            for record in records:
+                record.notes.extend(notes)
+            return records
         records = []
         truth: dict = {}
         for cell in default_cells():
             for regime in cell.regimes:
-                records.append(audit_cell(spec, cell, regime, truth_cache=truth))
+                records.append(audit_cell(spec, cell, regime, truth_cache=truth, extra_notes=notes))
         records.extend(not_covered_records())
         return records
 

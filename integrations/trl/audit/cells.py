@@ -273,11 +273,12 @@ def float64_default(enabled: bool):
 
 
 def audit_cell(spec: PolicySpec, cell: Cell, regime: str, *, truth_cache: dict | None = None, config=None,
-               user_config: bool = False, extra_notes: Sequence[str] = (), off_policy_config: bool = False
-               ) -> AuditRecord:
+               user_config: bool = False, extra_notes: Sequence[str] = (), off_policy_config: bool = False,
+               refused_by_config: Sequence = ()) -> AuditRecord:
     """Audit one configuration in one regime through the real trainer. ``config``: a parsed GRPOConfig used as is
     (its batch layout replaced by the step driver's). ``off_policy_config``: the configuration trains off-policy,
-    so its fix is the off-policy-exact mode even for the on-policy record."""
+    so its fix is the off-policy-exact mode even for the on-policy record. ``refused_by_config``: refusals of the
+    user's whole configuration (e.g. k1-in-reward with num_iterations > 1): every regime's record says so."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
     step = cell.driver == "step"
@@ -301,6 +302,7 @@ def audit_cell(spec: PolicySpec, cell: Cell, regime: str, *, truth_cache: dict |
         refused = trl_config.refusals(args, cell.mode, vocab_size=spec.vocab, use_vllm=bool(trainer.use_vllm),
                                       trainer_attrs={"loss_type": trainer.loss_type,
                                                      "epsilon_high": getattr(trainer, "epsilon_high", None)})
+        refused = list(refused_by_config) + [r for r in refused if r not in refused_by_config]
         if refused:  # measure what the run would have trained on, had kl-patches let it start
             setattr(trainer, trl_config.CHECKED_FLAG, cell.mode)
     key = (spec, regime in OFF_POLICY_REGIMES)
@@ -342,8 +344,8 @@ def audit_cell(spec: PolicySpec, cell: Cell, regime: str, *, truth_cache: dict |
         with float64_default(vllm):
             record = audit_record(tiny.problem, per_group_loss_fn(tiny, num_items), scale=scale,
                                   notes=[*notes, *extra_notes], num_items_in_batch=num_items, **common)
-    if refused and record.verdict == EXACT:  # never certify what the run refuses
-        record.verdict = BIASED
+    if refused:  # never certify what the run refuses
+        record.verdict, record.fix = BIASED, refused[0].fix
     if record.policy != policy_label(regime):
         record.policy = policy_label(regime)
     return record

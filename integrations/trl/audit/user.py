@@ -19,8 +19,9 @@ from typing import Any, Sequence
 
 from kl_patches.audit import AuditRecord, PolicySpec
 from kl_patches.audit.records import BIASED, EXACT
-from kl_patches.modes import ENV_VAR, LIBRARY
+from kl_patches.modes import ENV_VAR, LIBRARY, mode_from_env
 
+from kl_patches.integrations.trl import config as trl_config
 from kl_patches.integrations.trl import kl
 from kl_patches.integrations.trl.audit.cells import Cell, audit_cell
 from kl_patches.integrations.trl.audit.harness import (
@@ -111,6 +112,7 @@ def parse_user_config(config: str | None = None, args: Sequence[str] = ()) -> Us
             # GRPOConfig.__post_init__ resolved the mode with the YAML env: block exported, as the training
             # process (started after parsing) sees it: the same resolve_mode call the trainer makes.
             mode, origin = parsed.kl_mode, parsed.kl_mode_origin
+            from_env = mode_from_env()
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -123,6 +125,9 @@ def parse_user_config(config: str | None = None, args: Sequence[str] = ()) -> Us
                      f"(without kl-patches' GRPOConfig) trains TRL's k3 -- audit that with kl_mode: library")
     else:
         source = "kl_mode"
+        if from_env is not None and from_env != mode:
+            notes.append(f"kl_mode={mode!r} overrides {ENV_VAR}={from_env!r} (an explicit configuration beats the "
+                         f"environment, in the trainer as here)")
         notes.append(f"kl_mode is read by kl_patches.integrations.trl.GRPOConfig; TRL's own `trl grpo` does not know "
                      f"it: there set {ENV_VAR} instead")
     generate_every = parsed.steps_per_generation * parsed.num_iterations
@@ -178,10 +183,11 @@ def audit_user_config(spec: PolicySpec, user: UserConfig) -> list[AuditRecord]:
     driver = "loss" if user.mode == LIBRARY else "step"
     regimes = tuple(r for r in user.regimes if driver == "step" or r in ("on", "off")) or ("on",)
     cell = Cell(configuration, settings=settings, mode=user.mode, driver=driver, regimes=regimes)
+    refused = [] if user.mode == LIBRARY else trl_config.refusals(cfg, user.mode, use_vllm=user.use_vllm)
     records = []
     truth: dict = {}
     for regime in regimes:
         records.append(audit_cell(spec, cell, regime, truth_cache=truth, user_config=True,
                                   extra_notes=[f"mode from {user.mode_source}", *user.notes],
-                                  off_policy_config=user.off_policy))
+                                  off_policy_config=user.off_policy, refused_by_config=refused))
     return records
