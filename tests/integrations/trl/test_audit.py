@@ -217,5 +217,5 @@ def test_cli_check_of_all_trl_configurations(tmp_path):
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout)
-    assert len(records) >= 35 and {r["verdict"] for r in records} >= {"exact", "biased"}
+    assert len(records) >= 30 and {r["verdict"] for r in records} >= {"exact", "biased"}
     print(f"kl-patches check --library trl: {seconds:.1f} s")
