@@ -58,7 +58,9 @@ class GRPOConfig(trl.GRPOConfig):
     def __post_init__(self):
         # Before TRL's own checks: a typo in a kl-patches field is reported first, whatever else is wrong.
         self.kl_mode, self.kl_mode_origin = resolve_mode(self.kl_mode, MODE_FIELD, default=DEFAULT_MODE)
-        check_truncation(self.kl_truncation)
+        if check_truncation(self.kl_truncation) is not None and self.kl_truncation < 1.0:
+            # below 1 even on-policy weights (= 1) would be cut: a bias with nothing to gain
+            raise ValueError(f"kl_truncation must be >= 1 (or unset for exact weights), got {self.kl_truncation}")
         if self.kl_rtg_baseline not in RTG_BASELINES:
             raise ValueError(f"unknown kl_rtg_baseline {self.kl_rtg_baseline!r}; choose one of "
                              f"{', '.join(RTG_BASELINES)}")
