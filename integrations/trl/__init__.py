@@ -2,7 +2,9 @@
 ``GRPOTrainer``. Three ways in, all reversible:
 
 * ``from kl_patches.integrations.trl import GRPOConfig, GRPOTrainer``: drop-in subclasses; ``GRPOConfig`` gains
-  ``kl_mode`` (``library``, ``k1-in-reward`` (default), ``k1-rtg-loss``), parsed by TRL's own ``TrlParser``.
+  ``kl_mode`` (``library``, ``k1-in-reward``, ``k1-rtg-loss`` -- the default, exact on- and off-policy),
+  ``kl_truncation`` and ``kl_rtg_baseline``, parsed by TRL's own ``TrlParser``. An explicit ``kl_mode`` beats
+  ``KL_PATCHES_MODE`` (:func:`kl_patches.modes.resolve_mode`).
 * ``kl_patches.enable("trl", mode=...)`` / ``kl_patches.disable("trl")``: patch ``trl.GRPOTrainer`` in place.
 * ``KL_PATCHES_MODE=<mode>`` in the environment: the same patch in every Python process that imports TRL.
 
@@ -15,18 +17,19 @@ from typing import Any
 
 from kl_patches.modes import LIBRARY, validate_mode
 
-SUPPORTED = ">=1.15,<1.17"  # kept equal to kl.SUPPORTED (checked by the tests) without importing torch here
+#: The TRL releases this adapter was verified on (its tests and exact step audit pass there); declared once here.
+SUPPORTED = ">=1.15,<1.17"
 
 __all__ = ["SUPPORTED", "GRPOConfig", "GRPOTrainer", "enable", "disable", "enabled_mode", "autoload"]
 
 
 def _integration():
-    from kl_patches.integrations.trl.patch import INTEGRATION
+    from kl_patches.integrations.trl.patches import INTEGRATION
 
     return INTEGRATION
 
 
-def enable(mode: str = "k1-in-reward") -> bool:
+def enable(mode: str = "k1-rtg-loss") -> bool:
     """Patch ``trl.GRPOTrainer`` in place with ``mode``; False when already enabled with it. PatchError (naming
     the TRL version) when TRL is outside :data:`SUPPORTED` or its methods moved."""
     return _integration().enable(validate_mode(mode))

@@ -1,30 +1,37 @@
-"""The kl-patches modes inside TRL's ``GRPOTrainer``, written once and used by both ways in: the drop-in
-subclass (:mod:`.trainer`) and the in-place patch (:mod:`.patch`).
+"""The kl-patches modes inside TRL's ``GRPOTrainer``, written once and used by both ways in: the drop-in subclass
+(:mod:`.trainer`) and the in-place patch (:mod:`.patches`).
 
 Each function takes the trainer and TRL's own method (``original``) and wraps it; TRL's code still does all the
 work it did before (generation, rewards, the group advantages, the policy-gradient loss and its aggregation):
 
-* :func:`score` wraps ``_generate_and_score_completions``: it adds, per response, the k1 sequence KL at the
-  sampling log-probs and the group quantity the mode needs (``k1-in-reward``: the KL advantage
-  -beta * (KL_i - b_i) from :func:`kl_patches.terms.kl_advantage`; ``k1-rtg-loss``: the leave-one-out baseline
-  b_i), gathered across processes the way TRL gathers rewards, plus the KL metrics.
-* :func:`loss` wraps ``_compute_loss``: TRL's own loss runs with ``beta`` set to 0 for the call, so its k3 term
-  (and its importance-ratio "bias correction") leaves the loss while every other line runs unchanged; then
-  ``k1-in-reward`` adds the KL advantage to TRL's advantages, ``k1-rtg-loss`` adds the core surrogate
-  :func:`kl_patches.terms.kl_rtg_loss` with per-decision importance weights when the batch is off-policy.
-* :func:`compute_loss` wraps ``compute_loss`` to fail loudly when a subclass overrides ``_compute_loss`` without
-  reaching TRL's (e.g. the experimental ``GMPOTrainer``): its own KL would otherwise stay in the loss.
+* :func:`score` wraps ``_generate_and_score_completions``. It checks the configuration once (:mod:`.config`:
+  refusals name the flag and the fix). ``k1-rtg-loss`` (default baseline "none") needs nothing from other rows,
+  so it adds nothing and runs **no extra forward**; only a non-default ``kl_rtg_baseline`` adds the core's
+  whole-generation-batch columns. ``k1-in-reward`` needs every group member's sequence KL before the batch is
+  shuffled and split: it computes :func:`kl_patches.statistics.group_statistics` over the generation batch of
+  every process (one no-grad policy forward -- TRL skips old log-probs on-policy, and k1-in-reward is refused
+  off-policy) and attaches the KL advantage -beta * (KL_i - b_i) to each row.
+* :func:`loss` wraps ``_compute_loss``. TRL's own loss runs with ``beta`` set to 0 for the call, so its k3 term
+  (and its "bias correction") leaves the loss while every other line runs unchanged. ``k1-rtg-loss`` then adds the
+  core surrogate :func:`kl_patches.terms.kl_rtg_loss` on the log-probs TRL's forward just computed (captured, not
+  recomputed) with per-decision weights against mu, the distribution TRL itself trusts as the sampler
+  (:func:`behaviour_logps`). ``k1-in-reward`` adds its KL advantage to TRL's advantages, rescaled per row so that
+  TRL's loss_type aggregation becomes the constant below. Both log TRL's ``kl`` metric and ``kl_patches/*``.
+* :func:`compute_loss` wraps ``compute_loss`` and refuses trainers whose ``_compute_loss`` never reaches kl-patches.
 
-Normalisation: the KL part is divided by a *batch constant* C that keeps the scale of the configured
-``loss_type``: TRL's global token count (``num_items_in_batch``, rescaled to one micro-batch exactly as the
-``dapo`` loss does) for the token-mean losses, including ``grpo``/``sapo`` (per-sequence 1/|y_i|) and ``bnpo``
-(this micro-batch's token count), whose own normalisers depend on the sample and would bias the KL gradient;
-TRL's own constant for ``dr_grpo`` (B * max_completion_length) and ``luspo`` (B).
+Normaliser: the KL part of one optimisation step is ``beta / C * sum over the step's responses`` for every
+loss_type, with C fixed before sampling (:class:`kl_patches.statistics.FixedNormalizer`): the number of sequences
+per optimisation step from the configuration (``per_device_train_batch_size x gradient_accumulation_steps x
+processes``) times ``max_completion_length`` (times 1 for ``luspo``, whose task loss is a per-sequence sum), so
+beta keeps its token-mean meaning. Realised token counts (TRL's ``num_items_in_batch``, ``mask.sum()``) are never
+used: they are ratio estimators.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import warnings
 from typing import Any, Callable
@@ -32,26 +39,33 @@ from typing import Any, Callable
 import torch
 
 from kl_patches import estimators, terms
-from kl_patches.modes import K1_IN_REWARD, LIBRARY, validate_mode
+from kl_patches.integrations.trl import SUPPORTED
+from kl_patches.integrations.trl import config as trl_config
+from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, validate_mode
 from kl_patches.patching import PatchError, installed_version
+from kl_patches.statistics import (
+    RTG_BASELINE,
+    SEQUENCE_KL,
+    FixedNormalizer,
+    group_statistics,
+    importance_weight_stats,
+)
 
 logger = logging.getLogger("kl_patches.trl")
 
 Tensor = torch.Tensor
 
-#: The TRL releases this adapter was verified on (its tests and exact audit pass there).
-SUPPORTED = ">=1.15,<1.17"
+__all__ = ["SUPPORTED", "score", "loss", "compute_loss", "behaviour_logps", "kl_scale", "normalizer"]
 
-#: Keys kl-patches adds to the generation batch. TRL shuffles and splits every (B,)-shaped tensor of that dict
-#: in unison, so they stay aligned with their rows through ``steps_per_generation`` and ``num_iterations``.
-SEQ_KL_KEY = "kl_patches_seq_kl"  # sum_t k1 at the sampling log-probs, (B,)
+#: Keys kl-patches adds to the generation batch. TRL shuffles and splits every tensor of that dict along its first
+#: dimension in unison, so they stay aligned with their rows through ``steps_per_generation`` and ``num_iterations``.
 KL_ADVANTAGE_KEY = "kl_patches_kl_advantage"  # -beta * (KL_i - b_i), (B,)   [k1-in-reward]
-BASELINE_KEY = "kl_patches_baseline"  # leave-one-out mean of the other group members' KL, (B,)   [k1-rtg-loss]
 
 METRIC_PREFIX = "kl_patches"
 
-#: TRL's loss types and the per-row normaliser each applies to a micro-batch of B rows (see ``row_normalizer``).
-TOKEN_MEAN_LOSSES = ("dapo", "cispo", "vespo")
+#: ``kl_patches/mu_source``: which log-probs were taken as mu, the distribution that sampled the batch.
+MU_SOURCES = {"on-policy": 0.0, "old_per_token_logps": 1.0, "vllm_sampling_logps": 2.0}
+
 KNOWN_LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
 
 #: Multimodal / model-specific inputs TRL passes to ``_get_per_token_logps_and_entropies`` in ``_compute_loss``.
@@ -61,12 +75,19 @@ FORWARD_KEYS = (
 )
 
 OWNER_FLAG = "_kl_patches_owns_mode"  # set on kl-patches' own subclass: the in-place patch then stands aside
+ALLOW_OVERRIDE_FLAG = "_kl_patches_allow_override"  # a subclass sets it to vouch its override adds no KL
 REACHED_FLAG = "_kl_patches_loss_reached"
 WARNED_FLAG = "_kl_patches_warned_beta0"
+OVERRIDES_FLAG = "_kl_patches_overrides_checked"
+
+#: TRL's own classes whose methods kl-patches wraps; any other class in the MRO defining these is a user override.
+OVERRIDABLE = ("compute_loss", "_compute_loss")
+OWN_KL_MARKERS = ("ref_per_token_logps", "self.beta", "per_token_kl")
 
 
+@functools.lru_cache(maxsize=None)
 def trl_version() -> str:
-    return installed_version("trl") or "not installed"
+    return installed_version("trl") or "not installed"  # read once: package metadata costs ~10 ms a call
 
 
 def train_or_eval(trainer) -> str:
@@ -90,6 +111,12 @@ def active_mode(trainer, mode: str) -> str | None:
     return mode
 
 
+def setting(trainer, name: str, default):
+    """A kl-patches field of the trainer's config (kl_truncation, kl_rtg_baseline), or its default on TRL's own
+    GRPOConfig (the in-place patch)."""
+    return getattr(trainer.args, name, default)
+
+
 def loss_mask(inputs: dict) -> Tensor:
     """The positions TRL's loss covers: completion tokens, minus tool/environment tokens in multi-turn rollouts."""
     mask = inputs["completion_mask"]
@@ -102,19 +129,81 @@ def forward_kwargs(inputs: dict) -> dict:
     return {key: inputs.get(key) for key in FORWARD_KEYS}
 
 
+# ------------------------------------------------------------------------------------------ guards
+
+
+def check_overrides(trainer, mode: str) -> None:
+    """Refuse a subclass that overrides ``compute_loss``/``_compute_loss`` with KL code of its own: it would train on
+    that KL while the metrics name a kl-patches mode. An override that only wraps TRL's (calls ``super()``) and
+    touches no KL is said once as a warning; ``_kl_patches_allow_override = True`` on the class silences it."""
+    if getattr(trainer, OVERRIDES_FLAG, False):
+        return
+    import trl.trainer.grpo_trainer as grpo_module
+
+    base = grpo_module.GRPOTrainer
+    for cls in type(trainer).__mro__:
+        if cls is base or getattr(cls, "__module__", "").startswith("kl_patches") or not issubclass(cls, base):
+            continue
+        if vars(cls).get(ALLOW_OVERRIDE_FLAG, False):
+            continue
+        for name in OVERRIDABLE:
+            method = vars(cls).get(name)
+            if method is None:
+                continue
+            try:
+                source = inspect.getsource(method)
+            except (OSError, TypeError):
+                source = ""
+            where = f"{cls.__module__}.{cls.__qualname__}.{name}"
+            if any(marker in source for marker in OWN_KL_MARKERS) or not source:
+                raise PatchError(
+                    f"trl {trl_version()}: {where} overrides GRPOTrainer.{name} and computes a KL of its own "
+                    f"({'source unavailable' if not source else 'it reads the reference log-probs or beta'}); "
+                    f"with kl-patches mode {mode!r} it would train on that KL while the metrics say {mode}. Remove "
+                    f"the KL from the override (beta stays TRL's), or set kl_mode='library' / unset KL_PATCHES_MODE, "
+                    f"or set {ALLOW_OVERRIDE_FLAG} = True on the class if it adds no KL.")
+            message = (f"kl-patches mode {mode!r}: {where} overrides GRPOTrainer.{name}; kl-patches replaces TRL's KL "
+                       f"inside GRPOTrainer._compute_loss and cannot verify the override adds none (set "
+                       f"{ALLOW_OVERRIDE_FLAG} = True on the class to vouch for it).")
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=4)
+    setattr(trainer, OVERRIDES_FLAG, True)
+
+
+def check(trainer, mode: str) -> None:
+    if getattr(trainer, trl_config.CHECKED_FLAG, None) == mode and getattr(trainer, OVERRIDES_FLAG, False):
+        return
+    trl_config.check_trainer(trainer, mode, trl_version())
+    check_overrides(trainer, mode)
+    check_loss_type(trainer)
+
+
+def check_loss_type(trainer) -> str:
+    loss_type = trainer.loss_type
+    if loss_type not in KNOWN_LOSS_TYPES:
+        raise PatchError(
+            f"trl {trl_version()}: unknown GRPO loss_type {loss_type!r}; kl-patches knows "
+            f"{', '.join(KNOWN_LOSS_TYPES)} and will not guess how a new one normalises the loss"
+        )
+    return loss_type
+
+
+# ------------------------------------------------------------------------------------------ generation time
+
+
 def sampling_logps(trainer, output: dict) -> Tensor:
-    """The log-probs the generation batch was sampled with, per token: TRL's ``old_per_token_logps`` when it
-    computed them (off-policy batches, vLLM), else one no-grad forward of the current policy (TRL skips it when
-    the batch is on-policy, but the group baseline needs every group member's KL now, before the batch is split)."""
+    """mu at generation time, per token: the sampler's log-probs TRL trusts, else TRL's ``old_per_token_logps``,
+    else (on-policy, TRL skipped them) one no-grad forward of the current policy."""
     old = output.get("old_per_token_logps")
-    if old is not None:
-        return old.detach()
+    mu, _ = choose_mu(trainer, output, old)
+    if mu is not None:
+        return mu
     completion_ids = output["completion_ids"]
     input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-    mode = train_or_eval(trainer)
     args = trainer.args
-    batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+    batch_size = args.per_device_train_batch_size if train_or_eval(trainer) == "train" else \
+        args.per_device_eval_batch_size
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size,
@@ -130,7 +219,9 @@ def gather_padded(trainer, tensor: Tensor) -> Tensor:
 
 
 def score(trainer, original: Callable, inputs, mode: str) -> dict:
-    """``_generate_and_score_completions`` with the per-response KL quantities of ``mode`` added."""
+    """``_generate_and_score_completions`` with what ``mode`` needs from the whole generation batch added."""
+    if active_mode(trainer, mode) is not None:
+        check(trainer, mode)  # before generation: a refused configuration costs nothing
     output = original(trainer, inputs)
     metrics = trainer._metrics[train_or_eval(trainer)]
     metrics[f"{METRIC_PREFIX}/mode/{mode}"].append(1.0)
@@ -142,79 +233,91 @@ def score(trainer, original: Callable, inputs, mode: str) -> dict:
             f"trl {trl_version()}: {type(trainer).__name__}._generate_and_score_completions returned no "
             f"ref_per_token_logps although beta={trainer.beta}; kl-patches cannot compute the KL of mode {mode!r}"
         )
+    rtg_baseline = setting(trainer, "kl_rtg_baseline", "none")
+    if mode == K1_RTG_LOSS and rtg_baseline == "none":
+        return output  # nothing from other rows: no statistic, no forward
+
     mask = loss_mask(output)
     logp = sampling_logps(trainer, output)
-    ref = ref.detach()
-
-    # Group quantities over the whole generation batch of every process, then this process's slice, exactly like
-    # TRL's rewards -> advantages (groups are consecutive runs of num_generations rows).
+    old = output.get("old_per_token_logps")
+    # The whole generation batch of every process, then this process's slice, exactly like TRL's rewards ->
+    # advantages (groups are consecutive runs of num_generations rows), before TRL shuffles and splits it.
     all_logp = gather_padded(trainer, logp)
-    all_ref = gather_padded(trainer, ref)
+    all_ref = gather_padded(trainer, ref.detach())
     all_mask = gather_padded(trainer, mask.to(torch.int32)).bool()
+    all_policy = None if old is None or mode == K1_IN_REWARD else gather_padded(trainer, old.detach())
     num_generations = trainer.num_generations if train_or_eval(trainer) == "train" else trainer.num_generations_eval
     group_ids = torch.arange(all_logp.shape[0], device=all_logp.device) // num_generations
-    local = slice(trainer.accelerator.process_index * len(logp), (trainer.accelerator.process_index + 1) * len(logp))
-
-    all_kl = terms.sequence_kl(all_logp, all_ref, all_mask)
-    output[SEQ_KL_KEY] = all_kl[local]
+    process = trainer.accelerator.process_index
+    local = slice(process * len(logp), (process + 1) * len(logp))
+    width = logp.shape[1]
+    stats = group_statistics(all_logp, all_ref, all_mask, group_ids, policy_logp=all_policy,
+                             rtg_baseline=rtg_baseline if mode == K1_RTG_LOSS else "none").select(local)
+    output[SEQUENCE_KL] = stats.sequence_kl
     if mode == K1_IN_REWARD:
-        advantage = terms.kl_advantage(all_logp, all_ref, all_mask, beta=float(trainer.beta), group_ids=group_ids)
-        output[KL_ADVANTAGE_KEY] = advantage[local]  # the log-probs' precision (float32 for bf16/fp32 models)
+        output[KL_ADVANTAGE_KEY] = terms.kl_advantage(logp, ref.detach(), mask, beta=float(trainer.beta),
+                                                      baseline=stats.reward_baseline)
     else:
-        output[BASELINE_KEY] = terms.leave_one_out_baseline(all_kl, group_ids)[local]
-
-    # The sequence KL to the reference, mean per response, over all processes (k1 and k3 estimates).
-    all_k3 = estimators.k3(all_logp, all_ref, all_mask).sum(-1)
-    metrics[f"{METRIC_PREFIX}/kl_seq_k1"].append(all_kl.mean().item())
-    metrics[f"{METRIC_PREFIX}/kl_seq_k3"].append(all_k3.mean().item())
+        output[RTG_BASELINE] = stats.rtg_baseline[:, :width].contiguous()
     return output
 
 
-def accumulation_steps(trainer) -> float:
-    if train_or_eval(trainer) != "train":
-        return 1.0  # TRL: no accumulation in eval
-    return float(getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps))
+# ------------------------------------------------------------------------------------------ the loss
 
 
-def check_loss_type(trainer) -> str:
-    loss_type = trainer.loss_type
-    if loss_type not in KNOWN_LOSS_TYPES:
-        raise PatchError(
-            f"trl {trl_version()}: unknown GRPO loss_type {loss_type!r}; kl-patches knows "
-            f"{', '.join(KNOWN_LOSS_TYPES)} and will not guess how a new one normalises the loss"
-        )
-    return loss_type
+def normalizer(trainer) -> FixedNormalizer:
+    """beta keeps its token-mean meaning: C = sequences x max_completion_length (x 1 for luspo, a sequence sum)."""
+    length = 1.0 if trainer.loss_type == "luspo" else float(trainer.max_completion_length)
+    return FixedNormalizer(length)
 
 
-def kl_normalizer(trainer, inputs: dict, mask: Tensor) -> Tensor:
-    """C, the batch constant dividing the KL part of one micro-batch's loss (see the module docstring)."""
-    loss_type = check_loss_type(trainer)
-    rows = mask.shape[0]
-    steps = accumulation_steps(trainer)
-    if loss_type == "dr_grpo":
-        value = rows * trainer.max_completion_length * steps
-    elif loss_type == "luspo":
-        value = rows * steps
-    else:
-        # TRL's dapo normaliser: the generation batch's global token count, rescaled to one accumulation window.
-        value = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
-        if train_or_eval(trainer) == "train":
-            value = value * steps / trainer.args.steps_per_generation
-        return value.detach().to(torch.float64)
-    return torch.tensor(float(value), dtype=torch.float64, device=mask.device)
+def trainer_scales_for_accumulation(trainer) -> bool:
+    """Whether the loss ``compute_loss`` returns is taken as already scaled for gradient accumulation (TRL's
+    GRPOTrainer says so, ``loss_is_scaled_for_ga = True``) or divided by the accumulation steps by Trainer."""
+    flag = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None))
+
+
+def kl_scale(trainer) -> float:
+    """The factor of sum_rows(surrogate) in one micro-batch's returned loss such that, after Trainer's scaling and
+    the data-parallel gradient mean over processes, an optimisation step accumulates beta / C * sum over the
+    step's responses, C = FixedNormalizer.constant(sequences per optimisation step, all processes)."""
+    args = trainer.args
+    train = train_or_eval(trainer) == "train"
+    per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps if train else \
+        args.per_device_eval_batch_size
+    processes = trainer.accelerator.num_processes
+    constant = normalizer(trainer).constant(per_process * processes)
+    scale = float(trainer.beta) * processes / constant  # x processes: DDP averages the ranks' gradients
+    if train and not trainer_scales_for_accumulation(trainer):
+        scale *= trainer.current_gradient_accumulation_steps
+    return scale
 
 
 def row_normalizer(trainer, mask: Tensor, inputs: dict) -> Tensor:
-    """What TRL's aggregation divides row i's token sum by, for the configured loss_type, shape (B,)."""
+    """What TRL's ``_compute_loss`` divides row i's token sum by, for the configured loss_type, shape (B,)
+    (read off TRL 1.16's aggregation; the parity tests check it against TRL's own loss)."""
     loss_type = check_loss_type(trainer)
     rows = mask.shape[0]
-    steps = accumulation_steps(trainer)
+    train = train_or_eval(trainer) == "train"
+    steps = float(trainer.current_gradient_accumulation_steps) if train else 1.0
     lengths = mask.sum(-1).clamp(min=1).to(torch.float64)
     if loss_type in ("grpo", "sapo"):
-        return lengths * rows * steps
-    if loss_type == "bnpo":
-        return mask.sum().clamp(min=1).to(torch.float64).expand(rows) * steps
-    return kl_normalizer(trainer, inputs, mask).expand(rows)
+        value = lengths * rows * steps
+    elif loss_type == "bnpo":
+        value = mask.sum().clamp(min=1).to(torch.float64).expand(rows) * steps
+    elif loss_type == "dr_grpo":
+        value = torch.full((rows,), float(rows * trainer.max_completion_length) * steps, dtype=torch.float64)
+    elif loss_type == "luspo":
+        value = torch.full((rows,), float(rows) * steps, dtype=torch.float64)
+    else:  # dapo, cispo, vespo: the generation batch's token count, rescaled to one accumulation window
+        count = inputs["num_items_in_batch"].clamp(min=1.0).to(torch.float64) / trainer.accelerator.num_processes
+        if train:
+            count = count * steps / trainer.args.steps_per_generation
+        value = count.expand(rows)
+    return value.to(mask.device)
 
 
 @contextlib.contextmanager
@@ -233,8 +336,8 @@ _MISSING = object()
 
 @contextlib.contextmanager
 def capture_policy_logps(trainer, captured: dict):
-    """Keep the per-token log-probs ``_compute_loss`` computes for the policy (its first forward), so the KL
-    surrogate reuses them (same graph, no second forward)."""
+    """Keep the per-token log-probs ``_compute_loss`` computes for the policy (its forward), so the KL surrogate
+    reuses them (same graph, no second forward)."""
     name = "_get_per_token_logps_and_entropies"
     previous = trainer.__dict__.get(name, _MISSING)
     inner = getattr(trainer, name)
@@ -254,62 +357,98 @@ def capture_policy_logps(trainer, captured: dict):
             setattr(trainer, name, previous)
 
 
-def behaviour_logps(inputs: dict, logp: Tensor) -> Tensor | None:
-    """The log-probs of the policy that sampled the batch, or None when TRL treats it as on-policy.
+def choose_mu(trainer, inputs: dict, old: Tensor | None) -> tuple[Tensor | None, str]:
+    """(mu, source): the log-probs TRL itself trusts as the sampler in its importance-sampling correction.
 
-    vLLM / rollout log-probs are the real sampler; tokens they could not score (NaN) fall back to TRL's old
-    log-probs, else the current ones (weight 1). Without them, ``old_per_token_logps`` is the behaviour policy:
-    TRL computes it exactly when the batch is off-policy (num_iterations > 1, generation ahead of optimisation)."""
-    old = inputs.get("old_per_token_logps")
+    vLLM's sampling log-probs when TRL uses them (``use_vllm`` and ``vllm_importance_sampling_correction``; tokens
+    vLLM could not score, NaN, fall back to ``old_per_token_logps`` as TRL's ratio does); else TRL's
+    ``old_per_token_logps`` (it computes them exactly when the batch is off-policy); else None: TRL treats the
+    batch as on-policy, and so does kl-patches (no weights)."""
     sampling = inputs.get("sampling_per_token_logps")
-    if sampling is not None:
-        fallback = old if old is not None else logp.detach()
-        return torch.where(torch.isnan(sampling), fallback.to(sampling.dtype), sampling).detach()
-    return None if old is None else old.detach()
+    if sampling is not None and trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        if old is None:
+            raise PatchError(f"trl {trl_version()}: vLLM importance sampling without old_per_token_logps; "
+                             f"kl-patches cannot resolve the NaN sampling log-probs")
+        mu = torch.where(torch.isnan(sampling), old.to(sampling.dtype), sampling)
+        return mu.detach(), "vllm_sampling_logps"
+    if old is not None:
+        return old.detach(), "old_per_token_logps"
+    return None, "on-policy"
 
 
-def rtg_surrogate(logp: Tensor, ref: Tensor, mask: Tensor, behaviour: Tensor | None, baseline: Tensor) -> Tensor:
-    """sum_i sum_t log pi_it * sg(sum_{t'>=t} rho_{1:t'} l_t' - rho_{1:t} b_i): the core's k1-rtg-loss surrogate
-    (unnormalised), with the baseline b_i fixed at generation time, since a micro-batch may not hold the whole
-    group."""
-    return terms.kl_rtg_loss(logp, ref, mask, beta=1.0, behaviour_logp=behaviour, baseline=baseline,
-                             reduction="none").sum()
+def behaviour_logps(trainer, inputs: dict) -> tuple[Tensor | None, str]:
+    return choose_mu(trainer, inputs, inputs.get("old_per_token_logps"))
+
+
+def log_metrics(trainer, logp: Tensor, ref: Tensor, mask: Tensor, mu: Tensor | None, source: str) -> None:
+    """TRL's own ``kl`` (the k3 mean it would have logged, for dashboards; no gradient) and kl-patches' metrics, every
+    micro-batch: TRL averages them over each logging window."""
+    metrics = trainer._metrics[train_or_eval(trainer)]
+    accelerator = trainer.accelerator
+    logp = logp.detach()
+    with torch.no_grad():
+        k3 = estimators.k3(logp, ref, mask)
+        sums = accelerator.reduce(torch.stack([k3.sum().double(), mask.sum().double()]), reduction="sum")
+        metrics["kl"].append(float(sums[0] / sums[1].clamp(min=1.0)))
+        seq = terms.sequence_kl(logp, ref, mask).double()
+        rows = accelerator.reduce(torch.stack([seq.sum(), torch.tensor(float(seq.numel()), dtype=torch.float64,
+                                                                        device=seq.device)]), reduction="sum")
+        metrics[f"{METRIC_PREFIX}/sequence_kl"].append(float(rows[0] / rows[1].clamp(min=1.0)))
+        if mu is None:
+            stats = {"ess": 1.0, "truncated_fraction": 0.0, "capped_fraction": 0.0}
+        else:
+            stats = importance_weight_stats(logp, mu, mask, setting(trainer, "kl_truncation", None))
+        values = torch.tensor([stats["ess"], stats["truncated_fraction"], stats["capped_fraction"]],
+                              dtype=torch.float64, device=logp.device)
+        values = accelerator.reduce(values, reduction="mean")
+        for name, value in zip(("ess", "truncated_fraction", "capped_fraction"), values.tolist()):
+            metrics[f"{METRIC_PREFIX}/{name}"].append(value)
+        metrics[f"{METRIC_PREFIX}/mu_source"].append(MU_SOURCES[source])
 
 
 def loss(trainer, original: Callable, model, inputs: dict, mode: str) -> Tensor:
     """``_compute_loss`` with TRL's KL term replaced by the mode's."""
     if active_mode(trainer, mode) is None:
         return original(trainer, model, inputs)
-    if SEQ_KL_KEY not in inputs:
+    check(trainer, mode)
+    if mode == K1_IN_REWARD and KL_ADVANTAGE_KEY not in inputs:
         raise PatchError(
             f"trl {trl_version()}: the batch reaching {type(trainer).__name__}._compute_loss was not scored by "
             f"kl-patches (does the trainer override _generate_and_score_completions?); mode {mode!r} cannot apply"
         )
     setattr(trainer, REACHED_FLAG, True)
     mask = loss_mask(inputs)
-    normalizer = kl_normalizer(trainer, inputs, mask)
+    ref = inputs["ref_per_token_logps"].detach()
+    scale = kl_scale(trainer)
+    captured: dict[str, Any] = {}
 
     if mode == K1_IN_REWARD:
-        # The KL advantage joins TRL's (already std-scaled) advantages. TRL's aggregation divides row i by
-        # row_normalizer_i; rescaling the KL part by row_normalizer_i / C makes that a batch constant C.
+        # The KL advantage joins TRL's (already std-scaled) advantages; TRL's aggregation divides row i by
+        # row_normalizer_i, so rescaling the KL part by row_normalizer_i * scale / beta makes it beta / C overall.
         kl_part = inputs[KL_ADVANTAGE_KEY]
-        kl_part = kl_part * (row_normalizer(trainer, mask, inputs) / normalizer).to(kl_part.dtype)
+        factor = row_normalizer(trainer, mask, inputs) * (scale / float(trainer.beta))
+        kl_part = kl_part * factor.to(kl_part.dtype)
         advantages = inputs["advantages"]
         inputs = dict(inputs)
         inputs["advantages"] = advantages + (kl_part if advantages.dim() == 1 else kl_part[:, None])
-        with without_library_kl(trainer):
-            return original(trainer, model, inputs)
+        with without_library_kl(trainer), capture_policy_logps(trainer, captured):
+            result = original(trainer, model, inputs)
+        if "logps" in captured:
+            log_metrics(trainer, captured["logps"], ref, mask, None, "on-policy")
+        return result
 
-    captured: dict[str, Any] = {}
     with without_library_kl(trainer), capture_policy_logps(trainer, captured):
         policy_loss = original(trainer, model, inputs)
     if "logps" not in captured:
         raise PatchError(f"trl {trl_version()}: _compute_loss computed no policy log-probs through "
                          f"_get_per_token_logps_and_entropies; kl-patches cannot attach the {mode} term")
     logp = captured["logps"]
-    surrogate = rtg_surrogate(logp, inputs["ref_per_token_logps"], mask, behaviour_logps(inputs, logp),
-                              inputs[BASELINE_KEY])
-    kl_loss = float(trainer.beta) * surrogate / normalizer
+    mu, source = behaviour_logps(trainer, inputs)
+    baseline = inputs.get(RTG_BASELINE, "none")
+    per_response = terms.kl_rtg_loss(logp, ref, mask, beta=1.0, behaviour_logp=mu, baseline=baseline,
+                                     truncation=setting(trainer, "kl_truncation", None), reduction="none")
+    log_metrics(trainer, logp, ref, mask, mu, source)
+    kl_loss = scale * per_response.sum()
     return policy_loss + kl_loss.to(policy_loss.dtype)
 
 

@@ -7,10 +7,36 @@ import kl_patches.integrations.trl as adapter
 from kl_patches.modes import MODES, KLModeError
 
 
-def test_default_mode_is_k1_in_reward(tmp_path):
+def test_default_mode_is_k1_rtg_loss(tmp_path, monkeypatch):
+    monkeypatch.delenv("KL_PATCHES_MODE", raising=False)
     args = adapter.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    assert args.kl_mode == "k1-in-reward"
+    assert (args.kl_mode, args.kl_mode_origin) == ("k1-rtg-loss", "default")
+    assert (args.kl_truncation, args.kl_rtg_baseline) == (None, "none")
     assert isinstance(args, __import__("trl").GRPOConfig)
+
+
+def test_explicit_kl_mode_beats_the_environment_which_beats_the_default(tmp_path, monkeypatch):
+    import warnings
+
+    from kl_patches import modes
+
+    monkeypatch.setattr(modes, "_CONFLICTS_SAID", set())
+    monkeypatch.setenv("KL_PATCHES_MODE", "k1-in-reward")
+    args = adapter.GRPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert (args.kl_mode, args.kl_mode_origin) == ("k1-in-reward", "KL_PATCHES_MODE")
+    with pytest.warns(UserWarning, match="overrides KL_PATCHES_MODE") as caught:
+        args = adapter.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, kl_mode="library")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # the conflict is said once, not twice
+            adapter.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, kl_mode="library")
+    assert (args.kl_mode, args.kl_mode_origin) == ("library", "GRPOConfig.kl_mode")
+    assert len([w for w in caught if "overrides" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("field, bad", [("kl_truncation", 0.5), ("kl_rtg_baseline", "mean")])
+def test_bad_kl_settings_fail_when_the_config_is_built(tmp_path, field, bad):
+    with pytest.raises(ValueError):
+        adapter.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, **{field: bad})
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -18,7 +44,7 @@ def test_every_mode_is_accepted(tmp_path, mode):
     assert adapter.GRPOConfig(output_dir=str(tmp_path), kl_mode=mode, use_cpu=True).kl_mode == mode
 
 
-@pytest.mark.parametrize("bad", ["k3", "K1-in-reward", "", None, 1])
+@pytest.mark.parametrize("bad", ["k3", "K1-in-reward", "", 1])
 def test_unknown_mode_fails_when_the_config_is_built(tmp_path, bad):
     with pytest.raises(KLModeError, match="unknown KL mode"):
         adapter.GRPOConfig(output_dir=str(tmp_path), kl_mode=bad, use_cpu=True)
@@ -45,10 +71,12 @@ def test_trl_parser_reads_kl_mode_from_a_yaml_config(tmp_path):
 
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "beta": 0.04, "kl_mode": "library",
-                                    "use_cpu": True, "model_name_or_path": "ignored"}))
+                                    "use_cpu": True, "model_name_or_path": "ignored", "kl_truncation": 10.0,
+                                    "kl_rtg_baseline": "sequence-loo"}))
     args, remaining = TrlParser((adapter.GRPOConfig,)).parse_args_and_config(
         ["--config", str(path)], return_remaining_strings=True)
     assert args.kl_mode == "library" and args.beta == 0.04
+    assert (args.kl_truncation, args.kl_rtg_baseline) == (10.0, "sequence-loo")
     assert "--model_name_or_path" in remaining
 
 

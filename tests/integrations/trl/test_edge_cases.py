@@ -19,15 +19,14 @@ def grads(tiny, rows, **kwargs):
     return loss, torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, parameters)])
 
 
-def test_rtg_surrogate_masked_positions_get_exactly_zero_gradient_even_at_inf():
+def test_rtg_term_masked_positions_get_exactly_zero_gradient_even_at_inf():
     logp = torch.tensor([[-0.5, -1.0, float("-inf")], [-0.2, float("nan"), -3.0], [-1.0, -1.0, -1.0]],
                         dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-0.7, -0.9, -2.0], [-0.1, -0.3, float("-inf")], [-1.2, -0.8, -1.0]], dtype=torch.float64)
     mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])  # last row empty
     behaviour = logp.detach().nan_to_num(neginf=-5.0) - 0.1
     for behaviour_logp in (None, behaviour):
-        baseline = terms.leave_one_out_baseline(terms.sequence_kl(logp, ref, mask), torch.tensor([0, 0, 0]))
-        value = kl.rtg_surrogate(logp, ref, mask, behaviour_logp, baseline)
+        value = terms.kl_rtg_loss(logp, ref, mask, beta=1.0, behaviour_logp=behaviour_logp, reduction="none").sum()
         (grad,) = torch.autograd.grad(value, logp)
         assert torch.isfinite(value) and torch.isfinite(grad).all()
         assert (grad[~mask] == 0).all() and (grad[mask] != 0).any()
@@ -40,11 +39,12 @@ def test_truncated_completions_without_eos_are_regularised_exactly_like_the_core
     loss, with_kl = grads(patched, TRUNCATED, num_items=12.0)
     _, without = grads(plain, TRUNCATED, num_items=12.0)
     index = torch.tensor(TRUNCATED)
+    constant = 2 * 3  # sequences per optimisation step (per_device_train_batch_size=2) x max_completion_length
     tokens, mask = patched.problem.tokens[index], patched.problem.mask[index]
     assert mask.all()
     logp = patched.problem.policy.token_logprobs(tokens, mask)
     ref = patched.problem.reference.token_logprobs(tokens, mask).detach()
-    core = terms.kl_rtg_loss(logp, ref, mask, beta=0.04, group_ids=torch.tensor([0, 0, 1, 1]), normalizer=12.0)
+    core = terms.kl_rtg_loss(logp, ref, mask, beta=0.04, normalizer=constant)
     params = list(patched.problem.parameters())
     expected = without + torch.cat([g.reshape(-1) for g in torch.autograd.grad(core, params)])
     assert torch.isfinite(loss)
@@ -52,14 +52,12 @@ def test_truncated_completions_without_eos_are_regularised_exactly_like_the_core
 
 
 @pytest.mark.parametrize("mode", ["k1-in-reward", "k1-rtg-loss"])
-def test_masked_out_completions_contribute_no_kl(reward, mode):
-    """mask_truncated_completions=True zeroes truncated rows' masks: the empty rows add nothing, finite."""
+def test_masked_out_completions_are_refused_with_the_fix(reward, mode):
+    """mask_truncated_completions=True removes truncated rows from TRL's forward: their KL could not be counted."""
     patched = build_tiny_trainer(PolicySpec(), kl_mode=mode, beta=0.04, mask_truncated_completions=True,
                                  reward_funcs=reward)
-    plain = build_tiny_trainer(PolicySpec(), beta=0.0, mask_truncated_completions=True, reward_funcs=reward)
-    loss, with_kl = grads(patched, TRUNCATED, num_items=12.0)
-    _, without = grads(plain, TRUNCATED, num_items=12.0)
-    assert torch.isfinite(loss) and torch.equal(with_kl, without)
+    with pytest.raises(PatchError, match="mask_truncated_completions=True.*Fix: mask_truncated_completions=False"):
+        grads(patched, TRUNCATED, num_items=12.0)
 
 
 def test_an_unknown_loss_type_is_refused(reward):

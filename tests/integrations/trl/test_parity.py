@@ -12,6 +12,7 @@ import torch
 import kl_patches.integrations.trl as adapter
 from kl_patches import estimators, terms
 from kl_patches.audit import PolicySpec
+from kl_patches.statistics import group_statistics
 from kl_patches.integrations.trl.audit import build_tiny_trainer, trl_loss
 
 BETA = 0.04
@@ -65,7 +66,12 @@ def test_beta_zero_every_mode_equals_unpatched_trl(reward, mode, way):
     assert torch.equal(patched, unpatched)
 
 
-def core_kl_gradient(tiny, mode, off_policy, num_items):
+#: kl-patches' constant C: sequences per optimisation step from the config (per_device_train_batch_size=2 x
+#: gradient_accumulation_steps=1 x 1 process) x max_completion_length (3), whatever the batch holds.
+FIXED_C = 2 * 1 * 3
+
+
+def core_kl_gradient(tiny, mode, off_policy):
     """The core's KL term on the batch's tensors, differentiated: beta/C * grad of the mode's surrogate."""
     tokens, mask = batch(tiny)
     problem = tiny.problem
@@ -75,16 +81,12 @@ def core_kl_gradient(tiny, mode, off_policy, num_items):
         behaviour = problem.behaviour.token_logprobs(tokens, mask) if off_policy else logp.detach()
     group_ids = torch.arange(len(ROWS)) // 2
     if mode == "k1-in-reward":  # on-policy: TRL's ratio exp(logp - logp.detach()) has gradient logp's
-        advantage = terms.kl_advantage(behaviour, ref, mask, beta=BETA, group_ids=group_ids)
-        surrogate = -(advantage[:, None] * estimators.masked(logp, mask)).sum() / num_items
-    elif not off_policy:
-        surrogate = terms.kl_rtg_loss(logp, ref, mask, beta=BETA, group_ids=group_ids, normalizer=num_items)
-    else:  # the generation-time baseline (other members' KL at mu), weighted by the core's prefix weights
-        baseline = terms.leave_one_out_baseline(terms.sequence_kl(behaviour, ref, mask), group_ids)
-        rho = terms.prefix_importance_weights(logp, behaviour, mask)
-        no_baseline = terms.kl_rtg_loss(logp, ref, mask, beta=BETA, behaviour_logp=behaviour, baseline="none",
-                                        normalizer=num_items)
-        surrogate = no_baseline - BETA * (estimators.masked(logp, mask) * rho * baseline[:, None]).sum() / num_items
+        stats = group_statistics(behaviour, ref, mask, group_ids)
+        advantage = terms.kl_advantage(behaviour, ref, mask, beta=BETA, baseline=stats.reward_baseline)
+        surrogate = -(advantage[:, None] * estimators.masked(logp, mask)).sum() / FIXED_C
+    else:  # baseline "none"; off-policy: the core's prefix weights against mu = TRL's old log-probs
+        surrogate = terms.kl_rtg_loss(logp, ref, mask, beta=BETA, behaviour_logp=behaviour if off_policy else None,
+                                      normalizer=FIXED_C)
     parameters = [p for p in problem.parameters()]
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(surrogate, parameters)])
 
@@ -93,7 +95,7 @@ def core_kl_gradient(tiny, mode, off_policy, num_items):
                                               ("k1-rtg-loss", True)])
 @pytest.mark.parametrize("way", ["subclass", "patch"])
 def test_patched_mode_is_trl_policy_gradient_plus_the_core_kl_term(reward, mode, off_policy, way):
-    num_items = 17.0  # a batch constant C (TRL's dapo normaliser), fixed for both runs
+    num_items = 17.0  # TRL's dapo normaliser for the task part, fixed for both runs
     policy_gradient = gradient(build(reward, beta=0.0, off_policy=off_policy), num_items)
     library = gradient(build(reward, off_policy=off_policy), num_items)  # TRL's own k3 term
     if way == "subclass":
@@ -102,13 +104,14 @@ def test_patched_mode_is_trl_policy_gradient_plus_the_core_kl_term(reward, mode,
         adapter.enable(mode)
         tiny = build(reward, off_policy=off_policy)
     patched = gradient(tiny, num_items)
-    expected = policy_gradient + core_kl_gradient(tiny, mode, off_policy, num_items)
+    expected = policy_gradient + core_kl_gradient(tiny, mode, off_policy)
     torch.testing.assert_close(patched, expected, rtol=1e-10, atol=1e-12)
     assert (patched - library).norm() > 1e-3 * library.norm()  # and it is not TRL's own KL
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss_type, mode", [(loss, mode) for loss in ("grpo", "bnpo", "dr_grpo", "luspo", "cispo",
+                                                                       "sapo", "vespo", "dapo") for mode in MODES
+                                             if not (mode == "k1-in-reward" and loss in ("cispo", "vespo"))])
 def test_policy_gradient_part_unchanged_for_every_loss_type(reward, loss_type, mode):
     """The patched loss minus TRL's loss at beta=0 depends only on the KL tensors: it equals the KL term computed
     with zero task reward on the same batch (the task part passes through TRL untouched)."""
@@ -123,8 +126,9 @@ def test_policy_gradient_part_unchanged_for_every_loss_type(reward, loss_type, m
 
 def test_the_patch_and_the_subclass_agree_in_every_mode(reward):
     for mode in MODES:
-        subclass = gradient(build(reward, kl_mode=mode, off_policy=True), 17.0)
+        off_policy = mode == "k1-rtg-loss"  # k1-in-reward is refused off-policy (test_guards)
+        subclass = gradient(build(reward, kl_mode=mode, off_policy=off_policy), 17.0)
         adapter.enable(mode)
-        patched = gradient(build(reward, off_policy=True), 17.0)
+        patched = gradient(build(reward, off_policy=off_policy), 17.0)
         adapter.disable()
         assert torch.equal(subclass, patched)

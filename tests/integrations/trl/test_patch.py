@@ -123,7 +123,7 @@ def test_the_real_gmpo_trainer_is_refused_in_a_patched_mode(reward):
     tiny = build_tiny_trainer(spec, trainer_class=gmpo.GMPOTrainer, config=gmpo_config(gmpo, spec),
                               reward_funcs=reward)
     tokens, mask = spec_batch(tiny)
-    with pytest.raises(PatchError, match="GMPOTrainer overrides _compute_loss"):
+    with pytest.raises(PatchError, match="GMPOTrainer._compute_loss overrides GRPOTrainer._compute_loss"):
         trl_loss(tiny, tokens, mask)
 
 

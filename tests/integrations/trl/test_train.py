@@ -51,6 +51,7 @@ def train(model_dir, tmp_path, *, kl_mode=None, patched=None, **settings):
         config_class, trainer_class, extra = adapter.GRPOConfig, adapter.GRPOTrainer, {"kl_mode": kl_mode}
     else:
         config_class, trainer_class, extra = trl.GRPOConfig, trl.GRPOTrainer, {}
+        assert "kl_truncation" not in common
     if patched is not None:
         kl_patches.enable("trl", patched)
     torch.manual_seed(0)
@@ -82,18 +83,30 @@ def test_train_a_few_steps_and_log_the_kl(model_dir, tmp_path, kl_mode, patched,
     assert generations
     for entry in generations:
         assert entry[f"kl_patches/mode/{mode}"] == 1.0
+    for entry in logs:  # every optimisation step: TRL's own kl (for dashboards) and kl-patches' metrics
+        assert math.isfinite(entry["kl"]) and entry["kl"] >= 0.0
         if mode == "library":
-            assert "kl_patches/kl_seq_k1" not in entry and math.isfinite(entry["kl"])  # TRL's own metric
-        else:
-            k1, k3 = entry["kl_patches/kl_seq_k1"], entry["kl_patches/kl_seq_k3"]
-            assert math.isfinite(k1) and math.isfinite(k3) and k3 >= 0.0
-    if mode != "library":
-        assert all("kl" not in entry for entry in logs)  # TRL's k3 term left the loss
-        if len(generations) == 2:  # after one update the policy has left the reference
-            assert generations[1]["kl_patches/kl_seq_k3"] > 0.0
+            assert not any(key.startswith("kl_patches/") and "/mode/" not in key for key in entry)
+            continue
+        assert math.isfinite(entry["kl_patches/sequence_kl"])
+        assert 0.0 < entry["kl_patches/ess"] <= 1.0 + 1e-9
+        assert entry["kl_patches/truncated_fraction"] == entry["kl_patches/capped_fraction"] == 0.0
+        off_policy = settings.get("num_iterations", 1) > 1 or settings.get("steps_per_generation", 1) > 1
+        assert entry["kl_patches/mu_source"] == (1.0 if off_policy else 0.0)  # old_per_token_logps / on-policy
+        if not off_policy:
+            assert entry["kl_patches/ess"] == 1.0
+    if mode != "library" and len(generations) == 2:  # after one update the policy has left the reference
+        assert generations[1]["kl"] > 0.0
+
+
+def test_truncation_is_reported(model_dir, tmp_path):
+    """kl_truncation from GRPOConfig reaches the metrics: weights above c are counted."""
+    logs, moved = train(model_dir, tmp_path, kl_mode="k1-rtg-loss", num_iterations=2, kl_truncation=1.0,
+                        learning_rate=0.5)
+    assert moved and any(entry["kl_patches/truncated_fraction"] > 0.0 for entry in logs)
 
 
 def test_a_patched_mode_with_beta_zero_trains_as_trl_does(model_dir, tmp_path):
     with pytest.warns(UserWarning, match="nothing to patch"):
         logs, moved = train(model_dir, tmp_path, kl_mode="k1-rtg-loss", beta=0.0)
-    assert moved and all("kl_patches/kl_seq_k1" not in entry for entry in logs)
+    assert moved and all("kl_patches/sequence_kl" not in entry for entry in logs)
