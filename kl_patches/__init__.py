@@ -68,7 +68,7 @@ def _adapter(library: str):
     return importlib.import_module(f"kl_patches.integrations.{library}")
 
 
-def enable(library: str, mode: str = "k1-in-reward") -> bool:
+def enable(library: str, mode: str = "k1-rtg-loss") -> bool:
     """Patch ``library`` in place so its trainers use ``mode``. Returns False when it was already enabled
     with that mode (idempotent). Raises ``kl_patches.patching.PatchError`` naming the library version when the
     patch cannot be applied; never falls back to the library's own KL silently."""
