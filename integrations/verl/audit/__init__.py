@@ -20,7 +20,7 @@ from kl_patches.integrations.verl.audit.cells import *  # noqa: F401,F403  (the 
 from kl_patches.integrations.verl.audit.cells import (
     KLSettings, ProblemContext, default_cells, ensure_patched, not_covered, run_cell,
 )
-from kl_patches.integrations.verl.audit.steps import audit_steps, default_step_cells
+from kl_patches.integrations.verl.audit.steps import audit_steps, check_step_cells, default_step_cells
 from kl_patches.integrations.verl.audit.user import audit_user_config, load_user_config, verl_config_dir  # noqa: F401
 from kl_patches.integrations.verl.config import LOSS_VALUE, REWARD_VALUE
 

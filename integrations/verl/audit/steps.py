@@ -8,7 +8,7 @@ takes as mu. The declared ``scale`` is the constant the configuration multiplies
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from kl_patches.audit import AuditRecord, PolicySpec, audit_record, build_problem, exact_kl_gradient
@@ -21,6 +21,13 @@ from kl_patches.integrations.verl.kl import LOSS_AGG_MODES, fixed_normalizer
 #: the step audit's generation batch: one prompt x STEP_GROUP_SIZE responses (every ordered batch enumerated)
 STEP_GROUP_SIZE = 2
 STEP_GROUPS = 1
+#: the step audit's horizon cap: every ordered batch of the whole step is enumerated (7 responses at vocab 3)
+STEP_HORIZON = 2
+
+
+def step_spec(spec: PolicySpec) -> PolicySpec:
+    """The policy the step audit enumerates: ``spec`` with the horizon capped at :data:`STEP_HORIZON` (recorded)."""
+    return replace(spec, horizon=min(spec.horizon, STEP_HORIZON))
 
 #: the overrides every step cell starts from: verl's defaults, with a tiny batch matching the enumeration
 BASE = (
@@ -50,12 +57,26 @@ class StepCell:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+_DEFAULTS: list = []
+
+
 def compose(overrides: Sequence[str], horizon: int):
     """verl's ppo_trainer with ``overrides`` and ``data.max_response_length`` = the audit's horizon, validated by
-    kl-patches' driver checks (which install the workers' fixed settings)."""
+    kl-patches' driver checks (which install the workers' fixed settings). verl's defaults are composed by hydra
+    once per process; the overrides are applied with hydra's own override parser (as for a dumped config)."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
     from kl_patches.integrations.verl.audit.user import load_user_config
 
-    config = load_user_config(None, [*overrides, f"data.max_response_length={horizon}"])
+    if not _DEFAULTS:
+        _DEFAULTS.append(load_user_config(None, []))
+    config = copy.deepcopy(_DEFAULTS[0])
+    for override in OverridesParser.create().parse_overrides([*overrides, f"data.max_response_length={horizon}"]):
+        with open_dict(config):
+            OmegaConf.update(config, override.key_or_group, override.value(), merge=True)
     check_trainer_config(config)
     return config
 
@@ -80,10 +101,17 @@ def declared_scale(config, rows: int) -> float:
     return scale
 
 
+def placement(config) -> str:
+    loss = bool(config.actor_rollout_ref.actor.use_kl_loss)
+    reward = bool(config.algorithm.use_kl_in_reward)
+    return "reward+loss" if loss and reward else ("loss" if loss else "reward")
+
+
 def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: str, *, config=None,
                   user_config: bool = False, truth=None, problem=None) -> AuditRecord:
     from kl_patches.integrations.verl.audit.harness import StepHarness
 
+    spec = step_spec(spec)
     problem = problem or build_problem(spec, off_policy=off_policy)
     on = problem.on_policy
     try:
@@ -93,7 +121,7 @@ def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: s
         return audit_record(
             problem, None, step_fn=harness.step, num_groups=STEP_GROUPS, group_size=STEP_GROUP_SIZE,
             library="verl", library_version=version, configuration=cell.configuration, estimator="k1",
-            placement="loss" if cell.mode == K1_RTG_LOSS else "reward", mode=cell.mode,
+            placement=placement(config), mode=cell.mode,
             scale=declared_scale(config, rows), truth=truth if truth is not None else exact_kl_gradient(problem),
             reason=cell.reason_on if on else cell.reason_off, fix=cell.fix_on if on else cell.fix_off,
             notes=[STEP_NOTE, *cell.notes], user_config=user_config, dp_size=cell.dp_size, mismatch=cell.mismatch,
@@ -161,11 +189,28 @@ def default_step_cells() -> list[StepCell]:
     return cells
 
 
+def check_step_cells() -> list[StepCell]:
+    """The few step cells ``kl-patches check --library verl`` runs (every ordered batch of every cell is a whole
+    verl step): verl's defaults with dp 2 and an engine/trainer mismatch (rollout log-probs present), dynamic batch
+    sizes with another aggregation, the mismatch without the engine's log-probs, and k1-in-reward both ways. The
+    tests run all of :func:`default_step_cells`."""
+    return [
+        StepCell("k1-rtg-loss step: verl defaults (balance_batch, token-mean), dp 2, engine/trainer mismatch 0.1",
+                 RTG, K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2, mismatch=0.1),
+        StepCell("k1-rtg-loss step: dynamic batch sizes, dp 2, loss_agg_mode=seq-mean-token-sum-norm",
+                 (*RTG, *DYNAMIC, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm"), K1_RTG_LOSS,
+                 EXACT_RTG, EXACT_RTG_OFF, dp_size=2),
+        *[cell for cell in default_step_cells() if "no rollout log-probs" in cell.configuration
+          or cell.mode == K1_IN_REWARD],
+    ]
+
+
 def audit_steps(spec: PolicySpec, version: str, cells: Sequence[StepCell] | None = None) -> list[AuditRecord]:
     records = []
+    spec = step_spec(spec)
     for off_policy in (False, True):
         problem = build_problem(spec, off_policy=off_policy)
         truth = exact_kl_gradient(problem)
-        for cell in (cells if cells is not None else default_step_cells()):
+        for cell in (cells if cells is not None else check_step_cells()):
             records.append(run_step_cell(cell, spec, off_policy, version, truth=truth, problem=problem))
     return records

@@ -100,13 +100,13 @@ def user_cell(settings: KLSettings) -> Cell | None:
         off.append("both KL terms are applied and their gradients add up")
     # The fix: the loss-side value is exact everywhere; the reward-side value on-policy with a batch-constant loss.
     fix_off = RTG_FIX if reward_on else LOSS_FIX
-    if reward_on and not loss_on:
-        fix_on = f"{REWARD_KEY}={REWARD_VALUE}"
-        if settings.loss_agg_mode == "seq-mean-token-mean":
-            fix_on += " actor_rollout_ref.actor.loss_agg_mode=token-mean"
+    stale = settings.ppo_epochs > 1 or settings.mini_batches > 1
+    if reward_on and not loss_on and not stale:
+        # k1-in-reward is exact through verl's step with a policy-loss normaliser fixed by the configuration
+        # (token-mean divides by the realised token count); on stale mini-batches the driver refuses it
+        fix_on = f"{REWARD_KEY}={REWARD_VALUE} actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum"
     else:
         fix_on = fix_off
-    stale = settings.ppo_epochs > 1 or settings.mini_batches > 1
     note = (f"this configuration updates on stale batches (ppo_epochs={settings.ppo_epochs}, "
             f"{settings.mini_batches} mini-batches per step): the off-policy record applies to every mini-batch "
             f"after the first" if stale else
@@ -147,8 +147,9 @@ def audit_user_step(spec: PolicySpec, config: str | None, args: Sequence[str], c
                     version: str) -> list[AuditRecord]:
     """The user's kl-patches configuration through verl's step, with the user's settings on the audit's batch
     (one prompt x 2 responses, one mini-batch, one epoch: the off-policy record stands for every stale mini-batch)."""
-    from kl_patches.integrations.verl.audit.steps import BASE, STEP_GROUP_SIZE, StepCell, run_step_cell
+    from kl_patches.integrations.verl.audit.steps import BASE, STEP_GROUP_SIZE, StepCell, run_step_cell, step_spec
 
+    spec = step_spec(spec)
     actor = composed.actor_rollout_ref.actor
     gpus = int(lookup(composed, "trainer.n_gpus_per_node", 1) or 1) * int(lookup(composed, "trainer.nnodes", 1) or 1)
     dp = 2 if gpus >= 2 else 1
