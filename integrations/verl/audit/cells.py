@@ -531,6 +531,12 @@ OFF_TOKEN_RATIO = ("off-policy the PPO token ratio corrects each action but not 
 LOSS_FIX = f"{LOSS_KEY}={LOSS_VALUE}"
 RTG_FIX = f"{LOSS_OVERRIDES} {REWARD_FLAG}=False"
 REWARD_FIX_ON = f"{REWARD_KEY}={REWARD_VALUE} (or {LOSS_OVERRIDES})"
+#: the reward-side cells' policy-loss aggregation: a normaliser the configuration fixes (global_batch_size), so a
+#: loss-level "exact" here holds through verl's step too; token-mean divides by the realised token count, a ratio
+#: estimator, which the step cells audit (steps.py: biased)
+REWARD_AGG = "seq-mean-token-sum"
+REWARD_AGG_NOTE = ("policy loss aggregated with loss_agg_mode=seq-mean-token-sum (normaliser fixed by the "
+                   "configuration); verl's default token-mean divides by the realised token count: see the step cells")
 
 KL_LOSS_TYPES = {
     # value: (estimator label, on-policy reason)
@@ -596,18 +602,19 @@ def _reward_cells() -> list[Cell]:
         for label, (changes, reason_k1, reason_k3) in ESTIMATORS.items():
             if label == "reinforce_plus_plus":  # whitened like GAE: audited with the kl-patches value only
                 continue
-            settings = KLSettings(use_kl_in_reward=True, kl_penalty=kl_penalty, kl_coef=1.0, **changes)
+            settings = KLSettings(use_kl_in_reward=True, kl_penalty=kl_penalty, kl_coef=1.0,
+                                  loss_agg_mode=REWARD_AGG, **changes)
             reason = reason_k1 if kl_penalty == "kl" else reason_k3
             cells.append(Cell(f"algorithm.kl_penalty={kl_penalty}, {label}", settings,
                               "k1" if kl_penalty == "kl" else "k3", "reward", reason,
                               f"{reason[:-1]}; {OFF_TOKEN_RATIO}.", REWARD_FIX_ON, RTG_FIX,
-                              group_size=GROUP_SIZE))
+                              group_size=GROUP_SIZE, notes=(REWARD_AGG_NOTE,)))
     for mode in LOSS_AGG_MODES[1:]:
         settings = KLSettings(use_kl_in_reward=True, kl_penalty="kl", kl_coef=1.0, adv_estimator="rloo",
                               loss_agg_mode=mode)
         if mode == "seq-mean-token-mean":
             reason = "sequence k1 with RLOO's baseline, but the policy loss weights response i by 1/|y_i|: length-weighted."
-            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=token-mean (or {LOSS_OVERRIDES})"
+            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum (or {LOSS_OVERRIDES})"
         else:
             reason = "sequence k1 with RLOO's baseline and a batch-constant policy-loss normaliser: exact."
             fix_on = REWARD_FIX_ON
@@ -616,11 +623,13 @@ def _reward_cells() -> list[Cell]:
     off = (f"exact on-policy only: the KL part goes through the PPO token ratio, which corrects each action but not "
            f"the prefix distribution; for stale batches use {LOSS_VALUE}.")
     for label, (changes, _, _) in ESTIMATORS.items():
-        settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, **changes)
+        settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, loss_agg_mode=REWARD_AGG,
+                              **changes)
         cells.append(Cell(
             f"algorithm.kl_penalty={REWARD_VALUE}, {label}", settings, "k1", "reward",
             "sequence k1 with a leave-one-out baseline added to the advantage after verl's estimator (never divided "
             "by a std, never whitened): exact.", off, None, RTG_FIX, mode=K1_IN_REWARD, group_size=GROUP_SIZE,
+            notes=(REWARD_AGG_NOTE,),
         ))
     for mode in LOSS_AGG_MODES[1:]:
         settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, adv_estimator="grpo",
@@ -628,7 +637,7 @@ def _reward_cells() -> list[Cell]:
         if mode == "seq-mean-token-mean":
             reason = ("the advantage's KL part is right, but verl's policy loss weights response i by 1/|y_i|: "
                       "length-weighted.")
-            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=token-mean (or {LOSS_OVERRIDES})"
+            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum (or {LOSS_OVERRIDES})"
         else:
             reason = "KL part added after GRPO's std normalisation, batch-constant policy-loss normaliser: exact."
             fix_on = None
