@@ -174,20 +174,19 @@ def test_the_driver_hands_the_workers_their_fixed_settings_and_truncation():
     """validate_config puts the normaliser's length and the truncation into the actor's global_batch_info (a dict
     field of verl's ActorConfig), removes the kl_patches_truncation key verl's strict dataclass would reject, and
     the worker's ActorConfig carries them."""
-    import verl.trainer.main_ppo as main_ppo
+    from kl_patches.integrations.verl.config import check_trainer_config  # what verl's validate_config runs first
     from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.config import ActorConfig
 
-    config = composed(*RTG, "data.max_response_length=77", "+actor_rollout_ref.actor.kl_patches_truncation=2.5")
-    main_ppo.validate_config(config=config, use_reference_policy=True, use_critic=False)
+    config = composed(*RTG, "data.max_response_length=77", "+actor_rollout_ref.actor.kl_patches_truncation=2.5",
+                      "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4")  # ActorConfig requires one
+    check_trainer_config(config)
     assert "kl_patches_truncation" not in config.actor_rollout_ref.actor
-    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor, ActorConfig)
+    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)  # as the worker builds it (_target_)
     assert actor.global_batch_info["kl_patches"] == {"length": 77, "truncation": 2.5}
-    main_ppo.validate_config(config=config, use_reference_policy=True, use_critic=False)  # idempotent
+    check_trainer_config(config)  # idempotent
     assert config.actor_rollout_ref.actor.global_batch_info.kl_patches.truncation == 2.5
     with pytest.raises(KLModeError, match="acts on actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss only"):
-        main_ppo.validate_config(config=composed("+actor_rollout_ref.actor.kl_patches_truncation=2.5"),
-                                 use_reference_policy=True, use_critic=False)
+        check_trainer_config(composed("+actor_rollout_ref.actor.kl_patches_truncation=2.5"))
 
 
 def test_verl_values_get_no_kl_patches_settings():
