@@ -17,7 +17,7 @@ from kl_patches.modes import LIBRARY
 from kl_patches.patching import Patch, PatchError
 
 from kl_patches.integrations.verl.patches import SUPPORTED, TARGETS, VerlIntegration, make_refusal_guard
-from kl_patches.integrations.verl.values import (
+from kl_patches.integrations.verl.config import (
     LOSS_KEY,
     LOSS_OVERRIDES,
     LOSS_VALUE,
@@ -67,8 +67,8 @@ def install_plugin() -> None:
     """What the ``verl.plugins`` entry point runs during ``import verl``.
 
     verl swallows exceptions raised by plugins (it logs them at DEBUG), so a failure cannot stop the import:
-    it is logged at ERROR level, and on an unsupported verl version ``validate_config`` is guarded so that a
-    run configured with a kl-patches value fails before any Ray work, with the PatchError naming the version.
+    it is logged at ERROR level, and ``validate_config`` is guarded so that a run configured with a kl-patches
+    value fails on the driver before any Ray work, with the error (a PatchError names the version).
     verl's own values keep working unpatched.
     """
     try:
@@ -77,8 +77,9 @@ def install_plugin() -> None:
         message = f"{error}"
         _plugin_state["error"] = message
         logger.error("kl-patches could not patch verl in this process: %s", message)
-        if isinstance(error, PatchError):
-            _install_refusal_guard(message)
+        # any failure (an unsupported version, a changed verl module): a run configured with a kl-patches value
+        # stops at the driver with this message instead of a late, bare NotImplementedError
+        _install_refusal_guard(message)
 
 
 def _install_refusal_guard(message: str) -> None:

@@ -5,20 +5,24 @@ the two kl-patches values (``values.py``). Targets (verl 0.9.x), each patched in
 then every ``from x import f`` copy in ``sys.modules`` rebound:
 
 * ``verl.workers.utils.losses.ppo_loss``  (copies: ``workers.engine_workers``, ``trainer.distillation.losses``)
-  -- ``kl_loss_type=k1-rtg-loss``: verl's policy-gradient and entropy terms, plus the k1 reward-to-go surrogate.
+  -- ``kl_loss_type=k1-rtg-loss``: verl's policy-gradient and entropy terms, plus the k1 reward-to-go surrogate
+  (``kl.py``): no cross-row statistic, a normaliser fixed on the driver from the configuration, mu = the engine's
+  ``rollout_log_probs`` when present.
 * ``verl.trainer.ppo.ray_trainer.apply_kl_penalty``  (copies: ``ppo.v1.trainer_base``,
   ``experimental.separation.ray_trainer``) -- ``kl_penalty=k1-in-reward``: no per-token KL in the reward;
   the coefficient is handed to compute_advantage.
 * ``verl.trainer.ppo.ray_trainer.compute_advantage``  (copies: ``ppo.v1.utils``,
   ``experimental.separation.ray_trainer``) -- adds -beta*(KL_i - b_i) to the advantage *after* verl's
-  estimator (so never divided by a group std), b_i the leave-one-out mean over the ``uid`` group.
+  estimator (so never divided by a group std), b_i the leave-one-out mean over the whole ``uid`` group
+  (``kl_patches.statistics.group_statistics`` on the driver, before any split).
 * ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``  (copy: ``ppo.v1.trainer_base``) --
   the same for agent sessions with several outputs: the KL of the whole session, on each of its rows.
 * ``verl.trainer.ppo.core_algos.kl_penalty``  (copies: ``workers.utils.losses``, ``trainer.distillation.losses``)
   -- a guard: a kl-patches value reaching verl's per-token estimator from a path kl-patches does not patch
   raises a clear error instead of verl's bare NotImplementedError.
 * ``verl.utils.config.validate_config``  (copies: ``verl.utils``, ``trainer.main_ppo``, ``main_ppo_v0``,
-  ``experimental.one_step_off_policy.main_ppo``) -- configuration errors before any Ray work starts.
+  ``experimental.one_step_off_policy.main_ppo``) -- the driver-side checks of ``config.py`` before any Ray work
+  starts, and the fixed settings the workers' k1-rtg-loss needs (``global_batch_info['kl_patches']``).
 
 The hooks fire when verl imports a target module, in whatever process (driver, ``TaskRunner``, worker actors):
 ``plugin.py`` registers them during ``import verl``. Nothing here imports a verl module eagerly.
@@ -32,12 +36,24 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kl_patches import terms
 from kl_patches.estimators import masked_log_ratio
 from kl_patches.modes import LIBRARY, KLModeError, validate_mode
 from kl_patches.patching import Integration, Patch, PatchError, Rebind
 
-from kl_patches.integrations.verl.values import (
+from kl_patches.integrations.verl.kl import (
+    MU_ROLLOUT,
+    SETTINGS_KEY,
+    LossSettings,
+    add_kl_advantage,
+    choose_mu,
+    fixed_normalizer,
+    group_ids_from,
+    loss_metrics,
+    reward_side_kl_part,
+    rtg_micro_batch_loss,
+    session_kl_part,
+)
+from kl_patches.integrations.verl.config import (
     LOSS_KEY,
     LOSS_OVERRIDES,
     LOSS_VALUE,
@@ -59,144 +75,53 @@ SUPPORTED = ">=0.9.0,<0.9.2"
 #: Column apply_kl_penalty adds for compute_advantage under k1-in-reward: the KL coefficient of each row.
 BETA_KEY = "kl_patches_kl_beta"
 
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def group_ids_from(values: Sequence[Any] | None) -> Tensor | None:
-    """Integer group ids from verl's ``uid`` (strings or numbers), None when there are none."""
+def worker_settings(config) -> LossSettings:
+    """The fixed settings the driver's validate_config put in ``global_batch_info['kl_patches']``."""
+    info = getattr(config, "global_batch_info", None) or {}
+    values = info.get(SETTINGS_KEY)
     if values is None:
-        return None
-    if isinstance(values, Tensor):
-        return values.to(torch.long).reshape(-1)
-    index: dict[Any, int] = {}
-    return torch.tensor([index.setdefault(value, len(index)) for value in list(values)], dtype=torch.long)
+        raise KLModeError(
+            f"{LOSS_KEY}={LOSS_VALUE}: the worker has no fixed normaliser length. kl-patches computes it on the driver "
+            f"from data.max_response_length in verl's validate_config (python -m verl.trainer.main_ppo does this); "
+            f"an entry point that skips validate_config must call "
+            f"kl_patches.integrations.verl.config.check_trainer_config(config) before building the workers"
+        )
+    return LossSettings.from_mapping(values)
 
 
-def batch_constant_normalizer(
-    loss_agg_mode: str,
-    mask: Tensor,
-    *,
-    dp_size: int = 1,
-    batch_num_tokens: Any = None,
-    global_batch_size: Any = None,
-    loss_scale_factor: Any = None,
-) -> float | Tensor:
-    """C in beta/C * sum_i sum_t (...), from the same global batch information verl's ``agg_loss`` uses, so the
-    k1-rtg-loss term has the scale of the configured ``loss_agg_mode`` (``dp_size`` folded in as verl does).
-
-    ``seq-mean-token-mean`` weights response i by 1/|y_i| (a length-weighted objective): its batch-constant
-    counterpart is the global token count, as for ``token-mean``. Without global information (a single
-    process), verl falls back to this micro-batch's own counts, and so does this function.
-    """
-    if loss_agg_mode in ("token-mean", "seq-mean-token-mean"):
-        if batch_num_tokens is None:
-            if dp_size > 1:
-                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
-            batch_num_tokens = mask.sum()
-        constant = batch_num_tokens
-    elif loss_agg_mode == "token-sum":
-        constant = 1
-    elif loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        if global_batch_size is None:
-            if dp_size > 1:
-                raise ValueError("global_batch_size is required when dp_size > 1")
-            global_batch_size = (mask.sum(dim=-1) > 0).sum()
-        constant = global_batch_size
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            constant = constant * (loss_scale_factor if loss_scale_factor is not None else mask.shape[-1])
-    else:
-        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")  # verl's own message
-    if isinstance(constant, Tensor):
-        return constant.detach().to(torch.float64).clamp(min=1.0) / dp_size
-    return max(float(constant), 1.0) / dp_size  # an all-padding batch: a zero loss, not 0/0
-
-
-def k1_rtg_kl_loss(
-    log_prob: Tensor,
-    ref_log_prob: Tensor,
-    old_log_prob: Tensor,
-    response_mask: Tensor,
-    *,
-    loss_agg_mode: str = "token-mean",
-    dp_size: int = 1,
-    batch_num_tokens: Any = None,
-    global_batch_size: Any = None,
-    loss_scale_factor: Any = None,
-    group_ids: Tensor | None = None,
-) -> Tensor:
-    """The ``k1-rtg-loss`` term of one verl micro-batch (before ``kl_loss_coef``), on padded (B, T) tensors.
-
-    ``old_log_prob`` is verl's pi_old, the policy the batch was sampled with: it turns on per-decision
-    importance weights, which are exactly 1 on the first mini-batch of the first epoch and correct every later
-    mini-batch and epoch. ``group_ids`` (verl's ``uid``) gives a leave-one-out baseline; None, no baseline
-    (both exact; the baseline only lowers the variance).
-    """
-    mask = response_mask.to(torch.bool)
-    normalizer = batch_constant_normalizer(
-        loss_agg_mode, mask, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
-    )
-    return terms.kl_rtg_loss(
-        log_prob, ref_log_prob, mask, beta=1.0, behaviour_logp=old_log_prob, group_ids=group_ids,
-        baseline="leave-one-out" if group_ids is not None else "none", normalizer=normalizer,
-    )
-
-
-def micro_batch_group_ids(data) -> Tensor | None:
-    """verl's ``uid`` of a micro-batch TensorDict, if it carries one and the micro-batches were not formed
-    from sequence lengths (``use_dynamic_bsz``): a baseline from group-mates chosen by length would depend
-    on the sample's own length."""
-    from verl.utils import tensordict_utils as tu
-
-    if tu.get_non_tensor_data(data, "use_dynamic_bsz", False) or "uid" not in data.keys():
-        return None
-    uid = data.get("uid")
-    uid = uid.tolist() if hasattr(uid, "tolist") else list(uid)
-    ids = group_ids_from(uid)
-    return ids if ids.numel() == data.batch_size[0] else None
-
-
-def loss_side_kl(config, model_output, data) -> tuple[Tensor, Tensor]:
-    """(k1-rtg-loss term, k1 KL value for the ``kl_loss`` metric) of one micro-batch, read as verl's
-    ``ppo_loss`` reads it (no-padding log-probs, padded fields, global batch information)."""
+def loss_side_kl(config, settings: LossSettings, model_output, data) -> tuple[Tensor, Tensor, dict]:
+    """(k1-rtg-loss term, k1 KL value for verl's ``kl_loss`` metric, kl_patches/* metrics) of one micro-batch,
+    read as verl's ``ppo_loss`` reads it (no-padding log-probs, padded fields, global batch information)."""
     from verl.trainer.ppo.core_algos import agg_loss
     from verl.workers.utils.padding import no_padding_2_padding
 
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    group_ids = micro_batch_group_ids(data)
-    global_info = dict(
-        dp_size=data["dp_size"], batch_num_tokens=data["batch_num_tokens"],
-        global_batch_size=data["global_batch_size"], loss_scale_factor=config.loss_scale_factor,
-    )
-    padded = data.select("response_mask", "old_log_probs", "ref_log_prob").to_padded_tensor()
+    names = ["response_mask", "old_log_probs", "ref_log_prob"]
+    if MU_ROLLOUT in data.keys():
+        names.append(MU_ROLLOUT)
+    padded = data.select(*names).to_padded_tensor()
     mask = padded["response_mask"].to(torch.bool)
-    loss = k1_rtg_kl_loss(
-        log_prob, padded["ref_log_prob"], padded["old_log_probs"], mask,
-        loss_agg_mode=config.loss_agg_mode, group_ids=group_ids, **global_info,
-    )
-    # The metric keeps verl's meaning of "kl_loss": an estimate of the KL value, here k1 aggregated as verl would.
+    mu, source = choose_mu(padded)
+    num_sequences = data["global_batch_size"]
+    if num_sequences is None:
+        raise KLModeError(f"{LOSS_KEY}={LOSS_VALUE}: verl passed no global_batch_size (the mini-batch size from the "
+                          f"configuration), so the normaliser cannot be fixed before sampling")
+    normalizer = fixed_normalizer(config.loss_agg_mode, int(num_sequences), settings.length, config.loss_scale_factor)
+    dp_size = data["dp_size"]
+    loss = rtg_micro_batch_loss(log_prob, padded["ref_log_prob"], mu.to(log_prob.dtype), mask,
+                                normalizer=normalizer, dp_size=dp_size, truncation=settings.truncation)
+    # verl's "kl_loss" metric keeps its meaning: the k1 KL value aggregated as verl aggregates its own.
     k1 = masked_log_ratio(log_prob.detach(), padded["ref_log_prob"], mask)
-    value = agg_loss(loss_mat=k1, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **global_info)
-    return loss, value
-
-
-def add_kl_advantage(advantages: Tensor, kl_part: Tensor, mask: Tensor) -> Tensor:
-    """advantages + the per-response KL part on every response token; a new tensor (verl may alias
-    advantages and returns)."""
-    return advantages + (kl_part[:, None] * mask).to(advantages.dtype)
-
-
-def reward_side_kl_part(batch, beta: Tensor, group_ids: Tensor | None) -> Tensor:
-    """-beta * (KL_i - b_i) per response, KL from the sampling (old) log-probs."""
-    mask = batch["response_mask"].to(torch.bool)
-    part = terms.kl_advantage(
-        batch["old_log_probs"], batch["ref_log_prob"], mask, beta=1.0, group_ids=group_ids,
-        baseline="leave-one-out" if group_ids is not None else "none",
-    )
-    return part * beta.to(part.dtype)
+    value = agg_loss(loss_mat=k1, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, dp_size=dp_size,
+                     batch_num_tokens=data["batch_num_tokens"], global_batch_size=num_sequences,
+                     loss_scale_factor=config.loss_scale_factor)
+    metrics = loss_metrics(log_prob, padded["ref_log_prob"], mu.to(log_prob.dtype), mask, settings.truncation, source)
+    return loss, value, metrics
 
 
 def _uid(data) -> Tensor | None:
@@ -215,15 +140,22 @@ def make_ppo_loss(original: Callable) -> Callable:
         check_loss_side(kl_loss_type, config.use_kl_loss)
         from verl.utils.metric import AggregationType, Metric
 
-        # verl's own policy-gradient and entropy terms, from verl's code, with only its KL block switched off.
+        settings = worker_settings(config)
+        # verl's own policy-gradient and entropy terms, from verl's code, with only its KL block switched off and
+        # kl-patches' settings out of the global_batch_info verl splats into agg_loss.
+        info = dict(getattr(config, "global_batch_info", None) or {})
+        info.pop(SETTINGS_KEY, None)
         without_kl = copy.copy(config)
         object.__setattr__(without_kl, "use_kl_loss", False)
+        object.__setattr__(without_kl, "global_batch_info", info)
         policy_loss, metrics = original(without_kl, model_output, data, dp_group)
-        kl_loss, kl_value = loss_side_kl(config, model_output, data)
+        kl_loss, kl_value, kl_metrics = loss_side_kl(config, settings, model_output, data)
         pg_metric = metrics.get("actor/pg_loss")
         aggregation = getattr(pg_metric, "aggregation", AggregationType.MEAN)
         metrics["kl_loss"] = Metric(value=kl_value, aggregation=aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
+        for name, value in kl_metrics.items():  # per micro-batch; averaged over micro-batches and ranks
+            metrics[name] = Metric(value=value, aggregation=AggregationType.MEAN)
         return policy_loss + kl_loss * config.kl_loss_coef, metrics
 
     return ppo_loss
@@ -265,33 +197,13 @@ def make_compute_advantage(original: Callable) -> Callable:
             return original(data, *args, **kwargs)
         data = original(data, *args, **kwargs)
         batch = data.batch
-        kl_part = reward_side_kl_part(batch, beta, _uid(data))
+        mask = batch["response_mask"].to(torch.bool)
+        # group statistics over whole uid groups of the whole generation batch (this runs on the driver)
+        kl_part = reward_side_kl_part(batch["old_log_probs"], batch["ref_log_prob"], mask, beta, _uid(data))
         batch["advantages"] = add_kl_advantage(batch["advantages"], kl_part, batch["response_mask"].to(torch.bool))
         return data
 
     return compute_advantage
-
-
-def session_kl_part(data, batch_keys: Sequence[str], beta: Tensor) -> Tensor:
-    """-beta * (KL_s - b_s) for each row of an agent session s (all outputs of one ``{uid}_{session}``), KL_s
-    summed over the session's outputs and b_s the leave-one-out mean over the sessions of the same uid."""
-    batch = data.batch
-    mask = batch["response_mask"].to(torch.bool)
-    row_kl = terms.sequence_kl(batch["old_log_probs"], batch["ref_log_prob"], mask)
-    sessions: dict[str, int] = {}
-    session_uid: list[str] = []
-    row_session = []
-    for key in batch_keys:
-        uid, session_id, _ = key.rsplit("_", 2)
-        name = f"{uid}_{session_id}"
-        if name not in sessions:
-            sessions[name] = len(sessions)
-            session_uid.append(uid)
-        row_session.append(sessions[name])
-    row_session = torch.tensor(row_session, dtype=torch.long)
-    session_kl = torch.zeros(len(sessions), dtype=row_kl.dtype).index_add_(0, row_session, row_kl)
-    baseline = terms.leave_one_out_baseline(session_kl, group_ids_from(session_uid))
-    return -(session_kl - baseline)[row_session] * beta.to(row_kl.dtype)
 
 
 def make_multi_trajectory_advantage(original: Callable) -> Callable:
@@ -303,9 +215,9 @@ def make_multi_trajectory_advantage(original: Callable) -> Callable:
         batch = data.batch
         mask = batch["response_mask"].to(torch.bool)
         if adv_estimator == "grpo":  # verl scores whole sessions for GRPO: so is their KL
-            kl_part = session_kl_part(data, batch_keys, beta)
+            kl_part = session_kl_part(batch["old_log_probs"], batch["ref_log_prob"], mask, batch_keys, beta)
         else:  # verl treats every output as its own trajectory for the other estimators
-            kl_part = reward_side_kl_part(batch, beta, _uid(data))
+            kl_part = reward_side_kl_part(batch["old_log_probs"], batch["ref_log_prob"], mask, beta, _uid(data))
         batch["advantages"] = add_kl_advantage(batch["advantages"], kl_part, mask)
         return data
 

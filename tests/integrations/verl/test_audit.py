@@ -34,38 +34,41 @@ def by_name(records, configuration, policy):
 
 
 def test_records_cover_every_cell_on_and_off_policy(records):
-    from kl_patches.integrations.verl.audit import default_cells
+    from kl_patches.integrations.verl.audit import check_step_cells, default_cells
 
     cells = default_cells()
-    assert len(records) == 2 * len(cells) and len(cells) >= 40
+    assert len(records) == 2 * (len(cells) + len(check_step_cells())) and len(cells) >= 35
     assert {r.library for r in records} == {"verl"} and {r.library_version for r in records} == {installed_version("verl")}
     assert {r.policy for r in records} == {"on", "off"} and not any(r.user_config for r in records)
     assert not [r for r in records if r.verdict == "not covered"]
     listed = " ".join(r.configuration for r in records)
-    for value in ("kl_loss_type=k1-rtg-loss", "kl_penalty=k1-in-reward", "kl_loss_type=low_var_kl+ (= k3+)",
+    for value in ("k1-rtg-loss step", "kl_penalty=k1-in-reward", "kl_loss_type=low_var_kl+ (= k3+)",
                   "kl_loss_type=abs", "kl_loss_type=mse (= k2)", "gae, lam=0.95", "grpo, norm_adv_by_std_in_grpo=False"):
         assert value in listed
-    for mode in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+    for mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         assert f"loss_agg_mode={mode}" in listed
 
 
-def test_k1_rtg_loss_is_exact_on_and_off_policy_for_every_aggregation(records):
+def test_k1_rtg_loss_is_exact_on_and_off_policy_through_the_step(records):
+    """Every k1-rtg-loss record comes from verl's whole step (dp 2, balancing, an engine/trainer mismatch with the
+    engine's log-probs, dynamic batch sizes): exact."""
     cells = [r for r in records if r.mode == "k1-rtg-loss"]
-    assert len(cells) == 12
+    assert len(cells) == 2 * 2
     for record in cells:
+        assert record.spec.get("step") is True, record.configuration
         assert record.verdict == "exact" and record.rel_err < 1e-12 and record.fix is None, record.configuration
         assert record.norm_ratio == pytest.approx(1.0, abs=1e-12)
 
 
 def test_k1_in_reward_is_exact_on_policy_for_every_estimator_and_says_so_off_policy(records):
-    cells = [r for r in records if r.mode == "k1-in-reward"]
+    cells = [r for r in records if r.mode == "k1-in-reward" and not r.spec.get("step")]
     assert len(cells) == 20
     for record in cells:
         length_weighted = "seq-mean-token-mean" in record.configuration
         if record.policy == "on":
             assert (record.verdict == "biased") == length_weighted, record.configuration
             if length_weighted:
-                assert "loss_agg_mode=token-mean" in record.fix
+                assert "loss_agg_mode=seq-mean-token-sum" in record.fix
         else:
             assert record.verdict == "biased"
             assert "exact on-policy only" in record.reason and "k1-rtg-loss" in record.reason
@@ -92,7 +95,7 @@ def test_verls_own_configurations(records):
         assert (record.verdict == "exact") == exact, (record.configuration, record.policy, record.rel_err)
         if not exact:
             assert record.rel_err > 1e-2 and ("k1-rtg-loss" in record.fix or "k1-in-reward" in record.fix
-                                               or "loss_agg_mode=token-mean" in record.fix)
+                                               or "loss_agg_mode=seq-mean-token-sum" in record.fix)
     k3 = by_name(records, "actor.kl_loss_type=low_var_kl (= k3)", "on")
     assert "forward-KL" in k3.reason and k3.fix == "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss"
     grpo = by_name(records, "algorithm.kl_penalty=kl, grpo", "on")
@@ -111,7 +114,6 @@ CORE_EQUIVALENT = {
     "actor.kl_loss_type=low_var_kl, loss_agg_mode=seq-mean-token-mean": "k3 in loss, seq-mean-token-mean",
     "algorithm.kl_penalty=kl, rloo": "k1 in reward (sequence sum)",
     "algorithm.kl_penalty=low_var_kl, rloo": "k3 in reward",
-    "actor.kl_loss_type=k1-rtg-loss, loss_agg_mode=token-mean": "k1-rtg-loss (kl-patches)",
     "algorithm.kl_penalty=k1-in-reward, grpo": "k1-in-reward (kl-patches)",
 }
 
@@ -135,7 +137,6 @@ def test_verls_code_and_the_core_reference_give_the_same_expected_gradient(confi
 
 
 @pytest.mark.parametrize("configuration", [
-    "actor.kl_loss_type=k1-rtg-loss, loss_agg_mode=seq-mean-token-sum",
     "algorithm.kl_penalty=kl, grpo",
     "algorithm.kl_penalty=low_var_kl, gae, lam=0.95",
     "algorithm.kl_penalty=k1-in-reward, reinforce_plus_plus",
@@ -174,12 +175,15 @@ def test_gae_is_biased_only_by_verls_batch_whitening(monkeypatch):
 # ------------------------------------------------------------------------------------- user configuration
 
 
-def user_audit(args=(), config=None):
+def user_audit(args=(), config=None, spec=None):
     from kl_patches.integrations.verl.audit import audit
 
-    records = audit(SPEC, config=config, args=list(args))
+    records = audit(spec or SPEC, config=config, args=list(args))
     assert len(records) == 2 and all(r.user_config for r in records)
     return {r.policy: r for r in records}
+
+
+STEP_SPEC = PolicySpec(vocab=3, horizon=2)  # the step audit enumerates every ordered batch: a small policy
 
 
 def test_user_overrides_low_var_kl_are_biased_and_the_fix_makes_them_exact():
@@ -193,24 +197,37 @@ def test_user_overrides_low_var_kl_are_biased_and_the_fix_makes_them_exact():
 
 
 def test_user_grpo_kl_in_reward_fixes_on_and_off_policy():
+    # one mini-batch per step (verl's defaults, 1024 / 256, make four: stale, where k1-in-reward is refused)
+    args = ["algorithm.use_kl_in_reward=true", "algorithm.adv_estimator=grpo", "data.train_batch_size=256"]
+    got = user_audit(args, spec=STEP_SPEC)
+    assert got["on"].verdict == "biased"
+    assert got["on"].fix == "algorithm.kl_penalty=k1-in-reward actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum"
+    on_fixed = user_audit(args + got["on"].fix.split(), spec=STEP_SPEC)
+    assert on_fixed["on"].verdict == "exact" and on_fixed["off"].verdict == "biased"
+    assert on_fixed["on"].spec["step"] is True
+    assert "exact on-policy only" in on_fixed["off"].reason
+    off_fixed = user_audit(args + on_fixed["off"].fix.split(), spec=STEP_SPEC)
+    assert all(r.verdict == "exact" for r in off_fixed.values())
+
+
+def test_user_stale_kl_in_reward_is_pointed_to_k1_rtg_loss_and_refused_with_k1_in_reward():
     args = ["algorithm.use_kl_in_reward=true", "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.ppo_epochs=2"]
     got = user_audit(args)
-    assert got["on"].verdict == "biased" and got["on"].fix == "algorithm.kl_penalty=k1-in-reward"
     assert any("ppo_epochs=2" in note for note in got["on"].notes)
-    on_fixed = user_audit(args + got["on"].fix.split())
-    assert on_fixed["on"].verdict == "exact" and on_fixed["off"].verdict == "biased"
-    assert "exact on-policy only" in on_fixed["off"].reason
-    off_fixed = user_audit(args + on_fixed["off"].fix.split())
-    assert all(r.verdict == "exact" for r in off_fixed.values())
+    assert "kl_loss_type=k1-rtg-loss" in got["on"].fix
+    with pytest.raises(KLModeError, match="stale mini-batches.*k1-rtg-loss"):
+        user_audit(args + ["algorithm.kl_penalty=k1-in-reward"])
+    fixed = user_audit(args + got["on"].fix.split(), spec=STEP_SPEC)
+    assert all(r.verdict == "exact" for r in fixed.values())
 
 
 def test_user_config_with_both_kl_paths_applies_both_terms():
     args = ["actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
             "actor_rollout_ref.actor.kl_loss_coef=0.2", "algorithm.use_kl_in_reward=true",
-            "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=0.3", "algorithm.adv_estimator=rloo"]
-    got = user_audit(args)
+            "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=0.3", "algorithm.adv_estimator=rloo",
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum", "data.train_batch_size=256"]
+    got = user_audit(args, spec=STEP_SPEC)
     assert got["on"].verdict == "exact" and got["on"].placement == "reward+loss"
-    assert "both KL terms are applied" in got["on"].reason
     assert got["off"].verdict == "biased"  # the reward-side term is on-policy only
 
 
@@ -223,13 +240,14 @@ def test_user_yaml_configs_dumped_and_hydra_style(tmp_path):
     OmegaConf.save(dumped, tmp_path / "dumped.yaml")
     got = user_audit(config=str(tmp_path / "dumped.yaml"))
     assert got["on"].verdict == "biased" and "kl_loss_type=k3+" in got["on"].configuration
-    got = user_audit(["actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss"], config=str(tmp_path / "dumped.yaml"))
-    assert all(r.verdict == "exact" for r in got.values())
+    got = user_audit(["actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss"], config=str(tmp_path / "dumped.yaml"),
+                     spec=STEP_SPEC)
+    assert all(r.verdict == "exact" and r.spec["step"] for r in got.values())
     (tmp_path / "recipe.yaml").write_text(
         "defaults:\n  - ppo_trainer\n  - _self_\nactor_rollout_ref:\n  actor:\n    use_kl_loss: true\n"
         "    kl_loss_type: k1-rtg-loss\n")
     assert os.path.isdir(verl_config_dir())
-    got = user_audit(config=str(tmp_path / "recipe.yaml"))
+    got = user_audit(config=str(tmp_path / "recipe.yaml"), spec=STEP_SPEC)
     assert all(r.verdict == "exact" for r in got.values())
 
 
@@ -256,7 +274,8 @@ def test_cli_exits_non_zero_for_a_biased_configuration_and_prints_the_override()
     result = run_cli("check", "--library", "verl", "--", "actor_rollout_ref.actor.use_kl_loss=true")
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Fix: actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss" in result.stdout
-    result = run_cli("check", "--library", "verl", "--json", "--", "actor_rollout_ref.actor.use_kl_loss=true",
+    result = run_cli("check", "--library", "verl", "--vocab", "3", "--horizon", "2", "--json", "--",
+                     "actor_rollout_ref.actor.use_kl_loss=true",
                      "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)

@@ -1,6 +1,7 @@
 """Loss side: verl's ``ppo_loss`` with the plugin installed. verl's values are bit-identical to verl's own
 function (in this process and against a process without the plugin); ``k1-rtg-loss`` equals the core's
-``kl_rtg_loss`` on the same tensors, with the normaliser of each ``loss_agg_mode``; padding never leaks in."""
+``kl_rtg_loss`` on the same tensors with mu = the engine's log-probs when present and a normaliser fixed from the
+configuration for each ``loss_agg_mode``; no statistic from other rows; padding never leaks in."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def loss_and_grad(batch, settings, function=None, **global_info):
     batch = type(batch)(**{**vars(batch), "logp": logp})
     advantages = global_info.pop("advantages", None)
     with_uid = global_info.pop("with_uid", True)
-    model_output, data = micro_batch(batch, advantages=advantages, with_uid=with_uid, **global_info)
+    rollout_logp = global_info.pop("rollout_logp", None)
+    model_output, data = micro_batch(batch, advantages=advantages, with_uid=with_uid, rollout_logp=rollout_logp,
+                                     **global_info)
     loss, metrics = (function or losses.ppo_loss)(actor_config(settings), model_output, data)
     (grad,) = torch.autograd.grad(loss, logp)
     return loss.detach(), grad, metrics
@@ -62,41 +65,44 @@ def test_coefficient_zero_or_kl_loss_off_changes_nothing(make_batch):
     advantages = torch.randn(batch.mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     info = dict(advantages=advantages * batch.mask, batch_num_tokens=17, global_batch_size=6)
     no_kl = loss_and_grad(batch, settings_for(use_kl_loss=False), losses.ppo_loss.__wrapped__, **info)
-    for settings in (settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss", kl_loss_coef=0.0),
+    for settings in (settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss", kl_loss_coef=0.0,
+                                  max_response_length=5),
                      settings_for(use_kl_loss=False, kl_loss_type="low_var_kl"),
                      settings_for(use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.0)):
         loss, grad, _ = loss_and_grad(batch, settings, **info)
         assert torch.equal(loss, no_kl[0]) and torch.equal(grad, no_kl[1]), settings
 
 
-def expected_normalizer(mode, batch, batch_num_tokens, global_batch_size, loss_scale_factor=None):
-    if mode in ("token-mean", "seq-mean-token-mean"):
-        return batch_num_tokens
-    if mode == "token-sum":
-        return 1.0
-    if mode == "seq-mean-token-sum":
-        return global_batch_size
-    return global_batch_size * (loss_scale_factor or batch.mask.shape[1])
+HORIZON = 5  # random_batch's padded width, used as data.max_response_length
+N_SEQ = 6  # global_batch_size: the mini-batch size from the configuration
+
+
+def rtg_settings(**changes):
+    return settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss", max_response_length=HORIZON, **changes)
+
+
+def fixed_c(mode, loss_scale_factor=None):
+    from kl_patches.integrations.verl.kl import fixed_normalizer
+
+    return fixed_normalizer(mode, N_SEQ, HORIZON, loss_scale_factor)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("with_uid", [True, False])
 def test_k1_rtg_loss_equals_the_core_term_on_the_same_tensors(make_batch, mode, with_uid):
-    """pg part from verl (advantages nonzero) + beta * kl_rtg_loss(old log-probs as behaviour, uid groups)."""
+    """pg part from verl (advantages nonzero) + beta * kl_rtg_loss(old log-probs as mu, no baseline: nothing from
+    other rows, uid or not) / C, C fixed from the configuration (N_SEQ x max_response_length per mode)."""
     import verl.workers.utils.losses as losses
 
     batch = make_batch()
     advantages = torch.randn(batch.mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    info = dict(advantages=advantages * batch.mask, batch_num_tokens=17, global_batch_size=6, with_uid=with_uid)
-    loss, grad, metrics = loss_and_grad(batch, settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss",
-                                                            kl_loss_coef=0.3, loss_agg_mode=mode), **info)
+    info = dict(advantages=advantages * batch.mask, batch_num_tokens=17, global_batch_size=N_SEQ, with_uid=with_uid)
+    loss, grad, metrics = loss_and_grad(batch, rtg_settings(kl_loss_coef=0.3, loss_agg_mode=mode), **info)
     pg_loss, pg_grad, _ = loss_and_grad(batch, settings_for(use_kl_loss=False, loss_agg_mode=mode),
                                         losses.ppo_loss.__wrapped__, **info)
     logp = batch.logp.detach().clone().requires_grad_(True)
-    core = 0.3 * terms.kl_rtg_loss(
-        logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=batch.behaviour_logp,
-        group_ids=batch.group_ids if with_uid else None, baseline="leave-one-out" if with_uid else "none",
-        normalizer=expected_normalizer(mode, batch, 17, 6))
+    core = 0.3 * terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=batch.behaviour_logp,
+                                   baseline="none", normalizer=fixed_c(mode))
     (core_grad,) = torch.autograd.grad(core, logp)
     torch.testing.assert_close(loss, pg_loss + core.detach(), rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(grad, pg_grad + core_grad, rtol=1e-13, atol=1e-15)
@@ -105,18 +111,53 @@ def test_k1_rtg_loss_equals_the_core_term_on_the_same_tensors(make_batch, mode, 
     k1 = terms.masked_log_ratio(batch.logp.detach(), batch.ref_logp, batch.mask)
     from verl.trainer.ppo.core_algos import agg_loss
 
-    value = agg_loss(k1, batch.mask, mode, dp_size=1, batch_num_tokens=17, global_batch_size=6)
+    value = agg_loss(k1, batch.mask, mode, dp_size=1, batch_num_tokens=17, global_batch_size=N_SEQ)
     assert metrics["kl_loss"].values == [value] or torch.equal(metrics["kl_loss"].values[0], value)
+    assert metrics["kl_patches/mu_source"].values == [0.0]  # no rollout log-probs: the trainer's old_log_probs
+    for name in ("sequence_kl", "ess", "truncated_fraction", "capped_fraction"):
+        assert f"kl_patches/{name}" in metrics
+
+
+def test_engine_log_probs_are_mu_when_present(make_batch):
+    """rollout_log_probs (the inference engine's) in the micro-batch: they are mu, not verl's old_log_probs; the
+    mu_source metric says so; the normaliser does not depend on the realised token count."""
+    batch = make_batch()
+    engine = batch.behaviour_logp + 0.2 * torch.randn(batch.mask.shape, dtype=torch.float64,
+                                                      generator=torch.Generator().manual_seed(5))
+    loss, grad, metrics = loss_and_grad(batch, rtg_settings(kl_loss_coef=1.0), rollout_logp=engine,
+                                        batch_num_tokens=17, global_batch_size=N_SEQ)
+    other, _, _ = loss_and_grad(batch, rtg_settings(kl_loss_coef=1.0), rollout_logp=engine,
+                                batch_num_tokens=999, global_batch_size=N_SEQ)
+    logp = batch.logp.detach().clone().requires_grad_(True)
+    core = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=engine,
+                             normalizer=fixed_c("token-mean"))
+    (core_grad,) = torch.autograd.grad(core, logp)
+    torch.testing.assert_close(grad, core_grad, rtol=1e-13, atol=1e-15)
+    assert torch.equal(loss, other)
+    assert metrics["kl_patches/mu_source"].values == [1.0]
+    assert metrics["kl_patches/ess"].values[0] < 1.0
+
+
+def test_truncation_reaches_the_loss_and_its_metric(make_batch):
+    batch = make_batch(staleness=1.0)
+    loss, grad, metrics = loss_and_grad(batch, rtg_settings(kl_loss_coef=1.0, truncation=1.5),
+                                        batch_num_tokens=17, global_batch_size=N_SEQ)
+    logp = batch.logp.detach().clone().requires_grad_(True)
+    core = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=batch.behaviour_logp,
+                             truncation=1.5, normalizer=fixed_c("token-mean"))
+    (core_grad,) = torch.autograd.grad(core, logp)
+    torch.testing.assert_close(grad, core_grad, rtol=1e-13, atol=1e-15)
+    assert metrics["kl_patches/truncated_fraction"].values[0] > 0.0
 
 
 def test_k1_rtg_loss_on_the_first_mini_batch_is_the_on_policy_surrogate(make_batch):
     """old_log_probs == current log-probs: every per-decision weight is 1, the on-policy formula."""
     batch = make_batch()
     batch = type(batch)(**{**vars(batch), "behaviour_logp": torch.where(batch.mask, batch.logp.detach(), batch.behaviour_logp)})
-    loss, grad, _ = loss_and_grad(batch, settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss", kl_loss_coef=1.0,
-                                                      loss_agg_mode="token-sum"), batch_num_tokens=17, global_batch_size=6)
+    loss, grad, _ = loss_and_grad(batch, rtg_settings(kl_loss_coef=1.0, loss_agg_mode="token-sum"),
+                                  batch_num_tokens=17, global_batch_size=N_SEQ)
     logp = batch.logp.detach().clone().requires_grad_(True)
-    on_policy = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, group_ids=batch.group_ids, normalizer=1.0)
+    on_policy = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, normalizer=1.0)
     (on_grad,) = torch.autograd.grad(on_policy, logp)
     torch.testing.assert_close(grad, on_grad, rtol=1e-13, atol=1e-15)
 
@@ -126,67 +167,79 @@ def test_padding_never_leaks_and_masked_positions_get_zero_gradient(make_batch):
     batch = make_batch()
     clean = type(batch)(**{**vars(batch), "ref_logp": batch.ref_logp * batch.mask,
                            "behaviour_logp": batch.behaviour_logp * batch.mask})
-    settings = settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss", kl_loss_coef=1.0)
-    dirty_loss, dirty_grad, _ = loss_and_grad(batch, settings, batch_num_tokens=17, global_batch_size=6)
-    clean_loss, clean_grad, _ = loss_and_grad(clean, settings, batch_num_tokens=17, global_batch_size=6)
+    settings = rtg_settings(kl_loss_coef=1.0)
+    dirty_loss, dirty_grad, _ = loss_and_grad(batch, settings, batch_num_tokens=17, global_batch_size=N_SEQ)
+    clean_loss, clean_grad, _ = loss_and_grad(clean, settings, batch_num_tokens=17, global_batch_size=N_SEQ)
     assert torch.equal(dirty_loss, clean_loss) and torch.equal(dirty_grad, clean_grad)
     assert torch.all(dirty_grad[~batch.mask] == 0) and torch.isfinite(dirty_grad).all()
-    # the core term itself, fed NaN / inf at masked positions
-    from kl_patches.integrations.verl.patches import k1_rtg_kl_loss
+    # the micro-batch term itself, fed NaN / inf at masked positions
+    from kl_patches.integrations.verl.kl import rtg_micro_batch_loss
 
     logp = torch.where(batch.mask, batch.logp.detach(), torch.full_like(batch.logp, float("nan"))).requires_grad_(True)
-    loss = k1_rtg_kl_loss(logp, torch.where(batch.mask, batch.ref_logp, torch.tensor(float("inf"), dtype=torch.float64)),
-                          torch.where(batch.mask, batch.behaviour_logp, torch.tensor(float("-inf"), dtype=torch.float64)),
-                          batch.mask.long(), batch_num_tokens=17, group_ids=batch.group_ids)
+    loss = rtg_micro_batch_loss(
+        logp, torch.where(batch.mask, batch.ref_logp, torch.tensor(float("inf"), dtype=torch.float64)),
+        torch.where(batch.mask, batch.behaviour_logp, torch.tensor(float("-inf"), dtype=torch.float64)),
+        batch.mask, normalizer=30.0)
     (grad,) = torch.autograd.grad(loss, logp)
     assert torch.isfinite(loss) and torch.all(grad[~batch.mask] == 0) and torch.isfinite(grad).all()
 
 
 def test_all_padding_responses(make_batch):
     """A response with no tokens contributes nothing; a micro-batch of only such responses gives a zero loss
-    (not 0/0) and zero gradient."""
-    settings = settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss", kl_loss_coef=1.0)
+    and zero gradient."""
+    settings = rtg_settings(kl_loss_coef=1.0)
     batch = make_batch(lengths=(3, 0, 2, 0, 4, 1))
-    loss, grad, _ = loss_and_grad(batch, settings, batch_num_tokens=10, global_batch_size=6)
+    loss, grad, _ = loss_and_grad(batch, settings, batch_num_tokens=10, global_batch_size=N_SEQ)
     assert torch.isfinite(loss) and torch.all(grad[1] == 0) and torch.all(grad[3] == 0)
-    from kl_patches.integrations.verl.patches import k1_rtg_kl_loss
+    from kl_patches.integrations.verl.kl import rtg_micro_batch_loss
 
     empty = make_batch(lengths=(0, 0, 0), group_size=3)
-    for mode in AGG_MODES:
-        logp = empty.logp.detach().clone().requires_grad_(True)
-        value = k1_rtg_kl_loss(logp, empty.ref_logp, empty.behaviour_logp, empty.mask, loss_agg_mode=mode,
-                               group_ids=empty.group_ids)
-        (grad,) = torch.autograd.grad(value, logp)
-        assert value.item() == 0.0 and torch.all(grad == 0), mode
+    logp = empty.logp.detach().clone().requires_grad_(True)
+    value = rtg_micro_batch_loss(logp, empty.ref_logp, empty.behaviour_logp, empty.mask, normalizer=fixed_c("token-mean"))
+    (grad,) = torch.autograd.grad(value, logp)
+    assert value.item() == 0.0 and torch.all(grad == 0)
 
 
-def test_dynamic_batch_size_micro_batches_use_no_baseline(make_batch):
-    """Micro-batches formed from sequence lengths: a baseline from the same micro-batch would depend on the
-    sample's own length, so none is used (still exact)."""
-    from kl_patches.integrations.verl.audit import micro_batch
-    from kl_patches.integrations.verl.patches import micro_batch_group_ids
-    from verl.utils import tensordict_utils as tu
-
+def test_split_anywhere_the_micro_batch_losses_add_up_to_the_whole(make_batch):
+    """No statistic from other rows: any split of the rows into micro-batches (in any order) gives the same
+    accumulated gradient as the whole batch, to rounding."""
     batch = make_batch()
-    _, data = micro_batch(batch)
-    assert torch.equal(micro_batch_group_ids(data), batch.group_ids)
-    tu.assign_non_tensor(data, use_dynamic_bsz=True)
-    assert micro_batch_group_ids(data) is None
-    _, data = micro_batch(batch, with_uid=False)
-    assert micro_batch_group_ids(data) is None
+    settings = rtg_settings(kl_loss_coef=1.0)
+    _, whole, _ = loss_and_grad(batch, settings, batch_num_tokens=17, global_batch_size=N_SEQ)
+    for parts in ([[0, 1, 2], [3, 4, 5]], [[5, 0], [3], [1, 4, 2]], [[i] for i in range(6)]):
+        total = torch.zeros_like(whole)
+        for rows in parts:
+            rows = torch.tensor(rows)
+            sub = type(batch)(batch.tokens[rows], batch.mask[rows], batch.logp.detach()[rows], batch.ref_logp[rows],
+                              batch.behaviour_logp[rows], batch.group_ids[rows], rows, 1, False)
+            _, grad, _ = loss_and_grad(sub, settings, batch_num_tokens=int(batch.mask[rows].sum()),
+                                       global_batch_size=N_SEQ)
+            total[rows] += grad
+        torch.testing.assert_close(total, whole, rtol=1e-15, atol=1e-17)
 
 
-def test_global_batch_information_is_required_with_several_ranks(make_batch):
-    from kl_patches.integrations.verl.patches import batch_constant_normalizer
+def test_fixed_normalizer_per_loss_agg_mode():
+    from kl_patches.integrations.verl.kl import fixed_normalizer
 
-    batch = make_batch()
-    with pytest.raises(ValueError, match="batch_num_tokens is required when dp_size > 1"):
-        batch_constant_normalizer("token-mean", batch.mask, dp_size=2)
+    assert fixed_normalizer("token-mean", 8, 100) == 800.0
+    assert fixed_normalizer("seq-mean-token-mean", 8, 100) == 800.0
+    assert fixed_normalizer("seq-mean-token-sum", 8, 100) == 8.0
+    assert fixed_normalizer("seq-mean-token-sum-norm", 8, 100) == 800.0
+    assert fixed_normalizer("seq-mean-token-sum-norm", 8, 100, loss_scale_factor=3) == 24.0
+    assert fixed_normalizer("token-sum", 8, 100) == 1.0
     with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
-        batch_constant_normalizer("seq-sum", batch.mask)
-    assert batch_constant_normalizer("token-mean", batch.mask, dp_size=4, batch_num_tokens=40) == 10.0
-    assert batch_constant_normalizer("seq-mean-token-sum-norm", batch.mask, global_batch_size=8,
-                                     loss_scale_factor=3) == 24.0
+        fixed_normalizer("seq-sum", 8, 100)
+    with pytest.raises(ValueError, match="mini-batch size"):
+        fixed_normalizer("token-mean", None, 100)
+
+
+def test_worker_without_the_drivers_settings_says_what_to_do(make_batch):
+    from kl_patches.modes import KLModeError
+
+    batch = make_batch()
+    with pytest.raises(KLModeError, match="no fixed normaliser length.*validate_config"):
+        loss_and_grad(batch, settings_for(use_kl_loss=True, kl_loss_type="k1-rtg-loss"), batch_num_tokens=17,
+                      global_batch_size=N_SEQ)
 
 
 PARITY_SCRIPT = r"""

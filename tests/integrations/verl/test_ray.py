@@ -134,8 +134,12 @@ def ray_report(tmp_path_factory):
         "actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
         "actor_rollout_ref.actor.kl_loss_coef=0.25", "algorithm.use_kl_in_reward=True",
         "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=0.5", "algorithm.adv_estimator=grpo",
-        "ray_kwargs.ray_init.num_cpus=2",
+        "ray_kwargs.ray_init.num_cpus=2", "data.train_batch_size=256", f"data.max_response_length={MAX_LENGTH}",
     ])
+    # what main_ppo's main() does before run_ppo: kl-patches' driver checks hand the workers their fixed settings
+    from kl_patches.integrations.verl.config import check_trainer_config
+
+    check_trainer_config(config)
     with open_dict(config):
         config.kl_probe_output = str(output)
     assert not ray.is_initialized()
@@ -152,6 +156,9 @@ def ray_report(tmp_path_factory):
     return json.loads(output.read_text())
 
 
+MAX_LENGTH = 8  # data.max_response_length of the probed run
+
+
 def expected_losses(raw: dict) -> dict:
     """The same quantities in this process, from the core (k1-rtg-loss) and verl's unpatched function (k3)."""
     from kl_patches import terms
@@ -161,8 +168,9 @@ def expected_losses(raw: dict) -> dict:
 
     out = {}
     batch = as_batch(raw, requires_grad=True)
+    # no baseline, normaliser fixed from the configuration: global_batch_size (4) x data.max_response_length
     loss = 0.25 * terms.kl_rtg_loss(batch.logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=batch.behaviour_logp,
-                                    group_ids=batch.group_ids, normalizer=10.0)
+                                    normalizer=4 * MAX_LENGTH)
     (grad,) = torch.autograd.grad(loss, batch.logp)
     out["run_config"] = {"loss": loss.item(), "grad": grad}
     batch = as_batch(raw, requires_grad=True)

@@ -98,16 +98,17 @@ def test_k1_in_reward_metrics_and_adaptive_controller_match_verls_k1(make_batch)
 
 
 def test_a_group_of_one_gets_no_baseline_and_missing_uid_means_no_baseline(make_batch):
-    from kl_patches.integrations.verl.patches import reward_side_kl_part
+    from kl_patches.integrations.verl.kl import reward_side_kl_part
 
     batch = make_batch(group_size=1)
     from kl_patches.integrations.verl.audit import reward_data
 
     data = reward_data(batch, settings_for("grpo"))
     beta = torch.full((6,), 0.5, dtype=torch.float64)
-    part = reward_side_kl_part(data.batch, beta, batch.group_ids)
+    fields = (data.batch["old_log_probs"], data.batch["ref_log_prob"], data.batch["response_mask"].bool())
+    part = reward_side_kl_part(*fields, beta, batch.group_ids)
     torch.testing.assert_close(part, -0.5 * terms.sequence_kl(batch.behaviour_logp, batch.ref_logp, batch.mask))
-    torch.testing.assert_close(reward_side_kl_part(data.batch, beta, None), part)
+    torch.testing.assert_close(reward_side_kl_part(*fields, beta, None), part)
 
 
 def test_verl_values_are_bit_identical_to_verls_functions(make_batch):

@@ -1,4 +1,7 @@
-"""Exact audit of verl's KL code paths, run through verl's own functions on the installed version.
+"""Loss-level audit cells of verl's own KL values (and k1-in-reward's advantage), through verl's own functions.
+
+The kl-patches values are audited through verl's whole step in ``steps.py``; these cells show what verl's own
+values give.
 
 Each cell feeds the core's tiny enumerable policy (``kl_patches.audit``) to verl:
 
@@ -36,7 +39,7 @@ from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 from kl_patches.patching import installed_version
 
-from kl_patches.integrations.verl.values import (
+from kl_patches.integrations.verl.config import (
     LOSS_FLAG,
     LOSS_KEY,
     LOSS_OVERRIDES,
@@ -74,6 +77,9 @@ class KLSettings:
     lam: float = 1.0
     ppo_epochs: int = 1
     mini_batches: int = 1
+    #: data.max_response_length: the fixed length of k1-rtg-loss' normaliser (handed to the worker by the driver)
+    max_response_length: int | None = None
+    truncation: float | None = None
     #: the user's actor config node (policy-loss mode, clip ratios, ...) when audited from a configuration
     actor_node: Any = field(default=None, compare=False, repr=False)
 
@@ -174,10 +180,16 @@ def actor_config(settings: KLSettings):
         return omega_conf_to_dataclass(node)
     from verl.workers.config import ActorConfig
 
+    from kl_patches.integrations.verl.kl import SETTINGS_KEY, LossSettings
+
+    info = {}
+    if settings.kl_loss_type == LOSS_VALUE and settings.max_response_length is not None:
+        # what the driver's validate_config hands every worker (config.install_loss_settings)
+        info[SETTINGS_KEY] = LossSettings(settings.max_response_length, settings.truncation).as_dict()
     return ActorConfig(
         strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, use_kl_loss=settings.use_kl_loss,
         kl_loss_type=settings.kl_loss_type, kl_loss_coef=settings.kl_loss_coef, loss_agg_mode=settings.loss_agg_mode,
-        loss_scale_factor=settings.loss_scale_factor, ppo_epochs=settings.ppo_epochs,
+        loss_scale_factor=settings.loss_scale_factor, ppo_epochs=settings.ppo_epochs, global_batch_info=info,
     )
 
 
@@ -203,7 +215,7 @@ def uid_strings(group_ids: Tensor) -> list[str]:
 
 
 def micro_batch(batch, *, advantages: Tensor | None = None, dp_size: int = 1, batch_num_tokens: Any = None,
-                global_batch_size: Any = None, with_uid: bool = True):
+                global_batch_size: Any = None, with_uid: bool = True, rollout_logp: Tensor | None = None):
     """(model_output, data): verl's actor micro-batch for ``batch``'s responses, as the engine hands it to
     ``ppo_loss``. Prompts are one token; ``model_output["log_probs"]`` holds ``batch.logp`` (attached) in the
     no-padding layout of a model output (each sequence's log-probs shifted by one token)."""
@@ -228,6 +240,8 @@ def micro_batch(batch, *, advantages: Tensor | None = None, dp_size: int = 1, ba
         "ref_log_prob": batch.ref_logp.detach(),
         "advantages": torch.zeros(n, horizon, dtype=logp.dtype) if advantages is None else advantages.detach(),
     }
+    if rollout_logp is not None:  # the inference engine's log-probs (verl's rollout_log_probs)
+        tensors["rollout_log_probs"] = rollout_logp.detach()
     if with_uid:
         tensors["uid"] = uid_strings(batch.group_ids)
     data = tu.get_tensordict(tensors, {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens,
@@ -517,6 +531,12 @@ OFF_TOKEN_RATIO = ("off-policy the PPO token ratio corrects each action but not 
 LOSS_FIX = f"{LOSS_KEY}={LOSS_VALUE}"
 RTG_FIX = f"{LOSS_OVERRIDES} {REWARD_FLAG}=False"
 REWARD_FIX_ON = f"{REWARD_KEY}={REWARD_VALUE} (or {LOSS_OVERRIDES})"
+#: the reward-side cells' policy-loss aggregation: a normaliser the configuration fixes (global_batch_size), so a
+#: loss-level "exact" here holds through verl's step too; token-mean divides by the realised token count, a ratio
+#: estimator, which the step cells audit (steps.py: biased)
+REWARD_AGG = "seq-mean-token-sum"
+REWARD_AGG_NOTE = ("policy loss aggregated with loss_agg_mode=seq-mean-token-sum (normaliser fixed by the "
+                   "configuration); verl's default token-mean divides by the realised token count: see the step cells")
 
 KL_LOSS_TYPES = {
     # value: (estimator label, on-policy reason)
@@ -573,22 +593,6 @@ def _loss_cells() -> list[Cell]:
             reason += ", and each response weighted by 1/|y_i| (length-weighted)"
         cells.append(Cell(f"actor.kl_loss_type=low_var_kl, loss_agg_mode={mode}", settings, "k3", "loss",
                           reason + ".", f"{reason}; {OFF_UNWEIGHTED}.", LOSS_FIX, LOSS_FIX))
-    for mode in LOSS_AGG_MODES:
-        settings = KLSettings(use_kl_loss=True, kl_loss_type=LOSS_VALUE, kl_loss_coef=1.0, loss_agg_mode=mode)
-        tail = " (its batch-constant counterpart: the global token count, not 1/|y_i|)" if mode == "seq-mean-token-mean" else ""
-        cells.append(Cell(
-            f"actor.kl_loss_type={LOSS_VALUE}, loss_agg_mode={mode}", settings, "k1", "loss",
-            f"k1 reward-to-go surrogate with a leave-one-out baseline over uid, batch-constant normaliser{tail}: exact.",
-            "per-decision prefix weights from old_log_probs make the reward-to-go surrogate exact on stale batches.",
-            mode=K1_RTG_LOSS, group_size=GROUP_SIZE,
-        ))
-    settings = KLSettings(use_kl_loss=True, kl_loss_type=LOSS_VALUE, kl_loss_coef=1.0)
-    cells.append(Cell(
-        f"actor.kl_loss_type={LOSS_VALUE}, micro-batch without uid", settings, "k1", "loss",
-        "no uid in the micro-batch (or use_dynamic_bsz): no baseline, still exact (higher variance).",
-        "no baseline; per-decision prefix weights keep it exact on stale batches.",
-        mode=K1_RTG_LOSS, group_size=GROUP_SIZE, with_uid=False,
-    ))
     return cells
 
 
@@ -598,18 +602,19 @@ def _reward_cells() -> list[Cell]:
         for label, (changes, reason_k1, reason_k3) in ESTIMATORS.items():
             if label == "reinforce_plus_plus":  # whitened like GAE: audited with the kl-patches value only
                 continue
-            settings = KLSettings(use_kl_in_reward=True, kl_penalty=kl_penalty, kl_coef=1.0, **changes)
+            settings = KLSettings(use_kl_in_reward=True, kl_penalty=kl_penalty, kl_coef=1.0,
+                                  loss_agg_mode=REWARD_AGG, **changes)
             reason = reason_k1 if kl_penalty == "kl" else reason_k3
             cells.append(Cell(f"algorithm.kl_penalty={kl_penalty}, {label}", settings,
                               "k1" if kl_penalty == "kl" else "k3", "reward", reason,
                               f"{reason[:-1]}; {OFF_TOKEN_RATIO}.", REWARD_FIX_ON, RTG_FIX,
-                              group_size=GROUP_SIZE))
+                              group_size=GROUP_SIZE, notes=(REWARD_AGG_NOTE,)))
     for mode in LOSS_AGG_MODES[1:]:
         settings = KLSettings(use_kl_in_reward=True, kl_penalty="kl", kl_coef=1.0, adv_estimator="rloo",
                               loss_agg_mode=mode)
         if mode == "seq-mean-token-mean":
             reason = "sequence k1 with RLOO's baseline, but the policy loss weights response i by 1/|y_i|: length-weighted."
-            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=token-mean (or {LOSS_OVERRIDES})"
+            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum (or {LOSS_OVERRIDES})"
         else:
             reason = "sequence k1 with RLOO's baseline and a batch-constant policy-loss normaliser: exact."
             fix_on = REWARD_FIX_ON
@@ -618,11 +623,13 @@ def _reward_cells() -> list[Cell]:
     off = (f"exact on-policy only: the KL part goes through the PPO token ratio, which corrects each action but not "
            f"the prefix distribution; for stale batches use {LOSS_VALUE}.")
     for label, (changes, _, _) in ESTIMATORS.items():
-        settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, **changes)
+        settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, loss_agg_mode=REWARD_AGG,
+                              **changes)
         cells.append(Cell(
             f"algorithm.kl_penalty={REWARD_VALUE}, {label}", settings, "k1", "reward",
             "sequence k1 with a leave-one-out baseline added to the advantage after verl's estimator (never divided "
             "by a std, never whitened): exact.", off, None, RTG_FIX, mode=K1_IN_REWARD, group_size=GROUP_SIZE,
+            notes=(REWARD_AGG_NOTE,),
         ))
     for mode in LOSS_AGG_MODES[1:]:
         settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, adv_estimator="grpo",
@@ -630,7 +637,7 @@ def _reward_cells() -> list[Cell]:
         if mode == "seq-mean-token-mean":
             reason = ("the advantage's KL part is right, but verl's policy loss weights response i by 1/|y_i|: "
                       "length-weighted.")
-            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=token-mean (or {LOSS_OVERRIDES})"
+            fix_on = f"actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum (or {LOSS_OVERRIDES})"
         else:
             reason = "KL part added after GRPO's std normalisation, batch-constant policy-loss normaliser: exact."
             fix_on = None
@@ -643,164 +650,3 @@ def default_cells() -> list[Cell]:
     return _loss_cells() + _reward_cells()
 
 
-# ------------------------------------------------------------------------------------ user configuration
-
-
-def verl_config_dir() -> str:
-    import verl
-
-    return os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-
-
-def load_user_config(config: str | None = None, args: Sequence[str] = ()):
-    """The trainer configuration ``python -m verl.trainer.main_ppo`` would compose: verl's ``ppo_trainer``
-    defaults, then the YAML file ``config`` (a hydra config with a ``defaults`` list is composed from its own
-    directory with verl's config directory on the search path; a plain / dumped config is merged over verl's
-    defaults), then the hydra overrides ``args``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf, open_dict
-
-    args = [arg for arg in args if arg]
-    for arg in args:
-        if "=" not in arg:
-            raise ValueError(f"expected hydra overrides key=value after --, got {arg!r}")
-    GlobalHydra.instance().clear()
-    if config is None:
-        with initialize_config_dir(config_dir=verl_config_dir(), version_base=None):
-            return compose(config_name="ppo_trainer", overrides=args)
-    path = os.path.abspath(config)
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {config}: no such file")
-    user = OmegaConf.load(path)
-    if "defaults" in user:
-        name = os.path.splitext(os.path.basename(path))[0]
-        search = f"hydra.searchpath=[file://{verl_config_dir()}]"
-        with initialize_config_dir(config_dir=os.path.dirname(path), version_base=None):
-            return compose(config_name=name, overrides=[search, *args])
-    with initialize_config_dir(config_dir=verl_config_dir(), version_base=None):
-        base = compose(config_name="ppo_trainer")
-    OmegaConf.set_struct(base, False)
-    merged = OmegaConf.merge(base, user)
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for override in OverridesParser.create().parse_overrides(args):
-        with open_dict(merged):
-            OmegaConf.update(merged, override.key_or_group, override.value(), merge=True)
-    return merged
-
-
-def user_cell(settings: KLSettings) -> Cell | None:
-    """The cell of the user's configuration, with the reasons and the override that fixes it."""
-    loss_on = settings.use_kl_loss and settings.kl_loss_coef != 0
-    reward_on = settings.use_kl_in_reward and settings.kl_coef != 0
-    if not loss_on and not reward_on:
-        return None
-    parts, on, off = [], [], []
-    placement = "reward+loss" if loss_on and reward_on else ("loss" if loss_on else "reward")
-    if loss_on:
-        parts.append(f"actor.kl_loss_type={settings.kl_loss_type} (kl_loss_coef={settings.kl_loss_coef})")
-        if settings.kl_loss_type == LOSS_VALUE:
-            on.append("loss side: k1-rtg-loss, exact")
-            off.append("loss side: k1-rtg-loss with per-decision weights, exact")
-        else:
-            reason = KL_LOSS_TYPES.get(settings.kl_loss_type, ("", "verl's per-token estimator in the loss."))[1]
-            on.append(f"loss side: {reason[:-1]}")
-            off.append(f"loss side: {reason[:-1]}; {OFF_UNWEIGHTED}")
-    if reward_on:
-        parts.append(f"algorithm.kl_penalty={settings.kl_penalty} (kl_coef={settings.kl_coef}), "
-                     f"adv_estimator={settings.adv_estimator}")
-        if settings.kl_penalty == REWARD_VALUE:
-            on.append("reward side: k1-in-reward, exact on-policy")
-            off.append(f"reward side: k1-in-reward is exact on-policy only (PPO token ratio); for stale batches "
-                       f"use {LOSS_VALUE}")
-        else:
-            on.append(f"reward side: verl's {settings.kl_penalty} in the reward through {settings.adv_estimator}")
-            off.append(f"reward side: {OFF_TOKEN_RATIO}")
-    if settings.loss_agg_mode == "seq-mean-token-mean":
-        parts.append("loss_agg_mode=seq-mean-token-mean")
-    if loss_on and reward_on:
-        on.append("both KL terms are applied and their gradients add up")
-        off.append("both KL terms are applied and their gradients add up")
-    # The fix: the loss-side value is exact everywhere; the reward-side value on-policy with a batch-constant loss.
-    fix_off = RTG_FIX if reward_on else LOSS_FIX
-    if reward_on and not loss_on:
-        fix_on = f"{REWARD_KEY}={REWARD_VALUE}"
-        if settings.loss_agg_mode == "seq-mean-token-mean":
-            fix_on += " actor_rollout_ref.actor.loss_agg_mode=token-mean"
-    else:
-        fix_on = fix_off
-    stale = settings.ppo_epochs > 1 or settings.mini_batches > 1
-    note = (f"this configuration updates on stale batches (ppo_epochs={settings.ppo_epochs}, "
-            f"{settings.mini_batches} mini-batches per step): the off-policy record applies to every mini-batch "
-            f"after the first" if stale else
-            "one mini-batch and one epoch per step: the on-policy record applies (up to rollout/trainer mismatch)")
-    estimator = "+".join(dict.fromkeys(
-        ([LOSS_VALUE if settings.kl_loss_type == LOSS_VALUE else settings.kl_loss_type] if loss_on else [])
-        + ([settings.kl_penalty] if reward_on else [])))
-    return Cell("your configuration: " + "; ".join(parts), settings, estimator, placement,
-                "; ".join(on) + ".", "; ".join(off) + ".", fix_on, fix_off,
-                mode=LIBRARY, group_size=GROUP_SIZE, notes=(note,))
-
-
-def audit_user_config(spec: PolicySpec, config: str | None, args: Sequence[str], version: str) -> list[AuditRecord]:
-    composed = load_user_config(config, args)
-    check_trainer_config(composed)  # kl-patches values with their flag off, values on the wrong side: errors
-    settings = settings_from_config(composed)
-    cell = user_cell(settings)
-    records = []
-    for off_policy in (False, True):
-        ctx = ProblemContext.build(spec, off_policy)
-        if cell is None:
-            records.append(AuditRecord(
-                library="verl", library_version=version, configuration="your configuration: no KL term",
-                mode=LIBRARY, estimator="-", placement="-", policy=ctx.problem.policy_label, rel_err=None,
-                cosine=None, norm_ratio=None, verdict=NOT_COVERED,
-                reason="no KL term is on (use_kl_loss / use_kl_in_reward false, or a zero coefficient): "
-                       "nothing to audit.", fix=LOSS_OVERRIDES, spec=ctx.problem.spec.as_dict(), user_config=True,
-            ))
-        else:
-            records.append(run_cell(cell, ctx, version, user_config=True))
-    return records
-
-
-# ------------------------------------------------------------------------------------------------ entry
-
-
-def audit(spec: PolicySpec, *, config: str | None = None, args: Sequence[str] = ()) -> list[AuditRecord]:
-    """verl's KL configurations through verl's own code (``kl-patches check --library verl``): every
-    ``kl_loss_type``, the in-reward KL under each advantage estimator, each ``loss_agg_mode``, then the two
-    kl-patches values; on- and off-policy (a stale mini-batch). With ``config`` (a verl YAML) and/or ``args``
-    (hydra overrides), the user's configuration instead (``user_config=True``; ``fix`` = the overrides).
-
-    On a verl version kl-patches does not support, verl's own cells are still audited and the kl-patches cells
-    are ``not covered`` with the PatchError; a user configuration naming a kl-patches value raises it."""
-    from kl_patches.patching import PatchError
-
-    try:
-        ensure_patched()
-        refused = None
-    except PatchError as error:
-        refused = error
-    version = installed_version("verl") or "unknown"
-    if config is not None or args:
-        if refused is not None and (any(value in " ".join(args) for value in (LOSS_VALUE, REWARD_VALUE))
-                                    or (config is not None and _names_kl_patches_value(config))):
-            raise refused
-        return audit_user_config(spec, config, args, version)
-    records = []
-    cells = default_cells()
-    for off_policy in (False, True):
-        ctx = ProblemContext.build(spec, off_policy)
-        for cell in cells:
-            if refused is not None and cell.mode != LIBRARY:
-                records.append(not_covered(cell, ctx, version, f"{refused}"))
-            else:
-                records.append(run_cell(cell, ctx, version))
-    return records
-
-
-def _names_kl_patches_value(path: str) -> bool:
-    with open(path) as handle:
-        text = handle.read()
-    return LOSS_VALUE in text or REWARD_VALUE in text
