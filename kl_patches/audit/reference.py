@@ -219,9 +219,11 @@ CELLS: tuple[ReferenceCell, ...] = (
 # run adds to the formula (kl-gradients.md section 8): statistics and normalisers taken inside the step.
 # --------------------------------------------------------------------------------------------------------------
 
-STEP_GROUP_SIZE = 3  # one group of 3 responses per generation batch: 343 enumerated batches at vocab 3, horizon 2
+STEP_GROUP_SIZE = 3  # one group of 3 responses per generation batch
 STEP_MICRO_BATCH = 2  # micro-batches of 2 after sorting by length: the shortest two share one
-STEP_MAX_HORIZON = 2  # step cells enumerate every ordered batch: keep the response set small
+#: Step cells enumerate every ordered batch: vocabulary 2 (one token and EOS), horizon 3 gives 4 responses of
+#: lengths 1, 2, 3, 3 and 4^3 = 64 batches per cell, enough for length sorting to matter.
+STEP_VOCAB, STEP_HORIZON = 2, 3
 
 
 @dataclass(frozen=True)
@@ -284,12 +286,12 @@ STEP_CELLS: tuple[StepCell, ...] = (
 
 
 def run_steps(spec: PolicySpec, regimes: tuple[str, ...] = ("on", "off")) -> list[AuditRecord]:
-    """Audit every step cell (on the spec with its horizon capped at :data:`STEP_MAX_HORIZON`)."""
+    """Audit every step cell on the spec's policy kind and seed at :data:`STEP_VOCAB`, :data:`STEP_HORIZON`."""
     from dataclasses import replace
 
     import kl_patches
 
-    step_spec = replace(spec, horizon=min(spec.horizon, STEP_MAX_HORIZON))
+    step_spec = replace(spec, vocab=STEP_VOCAB, horizon=STEP_HORIZON)
     records = []
     for regime in regimes:
         problem = build_problem(step_spec, off_policy=regime == "off")
@@ -333,4 +335,6 @@ def run_reference(spec: PolicySpec, cells: tuple[ReferenceCell, ...] = CELLS,
                 mode=cell.mode, group_size=cell.group_size, truth=truth, fix=cell.fix,
                 reason=cell.reason_on if regime == "on" else cell.reason_off,
             ))
+    if steps:
+        records.extend(run_steps(spec, regimes))
     return records

@@ -127,10 +127,16 @@ def test_k3_in_reward_nearly_cancels_near_the_reference():
 
 def test_run_reference_covers_every_cell_both_regimes():
     records = ref.run_reference(PolicySpec())
-    assert len(records) == 2 * len(ref.CELLS)
+    assert len(records) == 2 * (len(ref.CELLS) + len(ref.STEP_CELLS))
     by_key = {(r.configuration, r.policy): r for r in records}
     assert by_key[("k1-rtg-loss (kl-patches)", "off")].verdict == "exact"
     assert by_key[("k1-rtg-loss (kl-patches)", "off")].mode == "k1-rtg-loss"
     assert by_key[("k3 in loss (GRPO default)", "on")].verdict == "biased"
     assert by_key[("k3 in loss (GRPO default)", "on")].fix
     assert by_key[("k1-rtg-loss (kl-patches)", "on")].fix is None
+    # the step cells: what a training step adds (length-sorted micro-batches), kl-gradients.md section 8
+    for cell in ref.STEP_CELLS:
+        for regime in ("on", "off"):
+            record = by_key[(cell.configuration, regime)]
+            assert record.spec["step"] and record.verdict == ("exact" if cell.fix is None else "biased"), record
+
