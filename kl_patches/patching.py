@@ -35,14 +35,47 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
+def specifier_union(supported: str) -> list[SpecifierSet]:
+    """``supported`` as a list of specifier sets: ``" || "`` joins release lines a single PEP 440 specifier set cannot
+    express together (e.g. ``"==0.9.3 || >=0.11.0,<0.12"``); a version is supported when one of them contains it."""
+    return [SpecifierSet(part.strip(), prereleases=True) for part in supported.split("||")]
+
+
+def version_supported(version: str, supported: str) -> bool:
+    return any(Version(version) in member for member in specifier_union(supported))
+
+
+def _bounds(member: SpecifierSet) -> list[Version]:
+    return [Version(spec.version.replace(".*", "")) for spec in member if spec.operator in ("==", ">=", "<=", "~=", ">")]
+
+
+def closest_supported(version: str, supported: str) -> str:
+    """The member of ``supported`` nearest to ``version``: the fewest major, then minor, then micro releases away
+    from one of its bounds; the newer member on a tie. Returned as its specifier string."""
+    target = (Version(version).release + (0, 0, 0))[:3]
+    members = [part.strip() for part in supported.split("||")]
+
+    def key(index_part: tuple[int, str]) -> tuple:
+        index, part = index_part
+        bounds = _bounds(SpecifierSet(part, prereleases=True)) or [Version("0")]
+        near = min(tuple(abs(a - b) for a, b in zip(target, (v.release + (0, 0, 0))[:3])) for v in bounds)
+        newest = max(bounds)
+        return (near[0], near[1] if near[0] == 0 else 0, -newest.release[0], -(newest.release + (0,))[1], near[2], -index)
+
+    return min(enumerate(members), key=key)[1]
+
+
 def require_version(library: str, supported: str, distribution: str | None = None) -> str:
-    """The installed version of ``library``; PatchError when it is missing or outside ``supported``."""
+    """The installed version of ``library``; PatchError when it is missing or outside ``supported`` (which may join
+    release lines with ``||``: the error then names the closest one)."""
     version = installed_version(distribution or library)
     if version is None:
         raise PatchError(f"{library} is not installed; kl-patches supports {library}{supported}")
-    if Version(version) not in SpecifierSet(supported, prereleases=True):
+    if not version_supported(version, supported):
+        closest = "" if "||" not in supported else \
+            f"; the closest supported release is {library}{closest_supported(version, supported)}"
         raise PatchError(
-            f"{library} {version} is not supported by kl-patches (supported: {library}{supported}); "
+            f"{library} {version} is not supported by kl-patches (supported: {library}{supported}{closest}); "
             f"refusing to patch rather than risk the library's biased KL path"
         )
     return version

@@ -1,4 +1,4 @@
-"""kl-patches for OpenRLHF (``openrlhf.cli.train_ppo_ray``, 0.11.x).
+"""kl-patches for OpenRLHF (``openrlhf.cli.train_ppo_ray``, 0.9.3 and 0.11.x).
 
 Switch it on with the launcher (``kl-patches-openrlhf <train_ppo_ray args> --algo.kl.mode k1-rtg-loss``), which
 starts Ray with a runtime environment that patches every Ray process, or with ``KL_PATCHES_MODE=<mode>`` in the
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 __all__ = ["enable", "disable", "enabled_mode", "autoload", "SUPPORTED"]
 
-#: Verified on 0.11.0, 0.11.1 and 0.11.2. 0.9 - 0.10.x are refused: 0.9 - 0.10.0 use flat flags (--use_kl_loss,
-#: --kl_estimator, --init_kl_coef) and all of them aggregate the KL loss per micro-batch (masked_mean) with a
-#: compute_approx_kl that has no log_probs_old.
-SUPPORTED = ">=0.11.0,<0.12"
+#: What CI proves, one nox session per release line (``openrlhf`` runs 0.11.2, ``openrlhf-0.9`` runs 0.9.3); ``||``
+#: joins release lines (kl_patches.patching.specifier_union). The per-release differences (flat 0.9 flags, the
+#: training_step signature) are the table in :mod:`.compat`. Every other version is refused by name, with the closest
+#: supported release. 0.10.x: nested flags like 0.11 but 0.9's per-micro-batch KL block; not run in CI, so refused.
+SUPPORTED = "==0.9.3 || >=0.11.0,<0.12"
 
 
 def _patches():

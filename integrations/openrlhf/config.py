@@ -15,14 +15,25 @@ import runpy
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from kl_patches.integrations.openrlhf import compat
 from kl_patches.modes import ENV_VAR, K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, MODES, KLModeError, resolve_mode
 from kl_patches.patching import PatchError, installed_version
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
+#: kl-patches' own flags and the correction flag as 0.11 spells them; :func:`mode_flag` / :func:`own_flags` and
+#: ``compat.to_flags`` give the installed release's spelling (0.9: ``--kl_mode``, ``--kl_truncation``).
 MODE_FLAG = "--algo.kl.mode"
 TRUNCATION_FLAG = "--algo.kl.truncation"
 OWN_FLAGS = (MODE_FLAG, TRUNCATION_FLAG)
 CORRECTION_FLAG = "--algo.advantage.is_correction_level"
+
+
+def mode_flag() -> str:
+    return compat.flag(MODE_FLAG[2:])
+
+
+def own_flags() -> tuple[str, str]:
+    return compat.flag(MODE_FLAG[2:]), compat.flag(TRUNCATION_FLAG[2:])
 
 #: Advantage estimators after which the reward-to-go of a per-token k1 reward reaches the policy loss untouched
 #: (a baseline of the task reward only, no whitening of the advantages that carry the KL).
@@ -72,15 +83,16 @@ def launcher_parser() -> argparse.ArgumentParser:
     parser.description = ("OpenRLHF's train_ppo_ray with the exact sequence-level KL gradient of kl-patches in "
                           "every Ray process. All train_ppo_ray arguments, plus --algo.kl.mode and "
                           "--algo.kl.truncation.")
+    mode, truncation = own_flags()
     parser.add_argument(
-        MODE_FLAG, choices=MODES, default=None,
+        mode, dest=MODE_FLAG[2:], choices=MODES, default=None,
         help=f"library (default, or {ENV_VAR}): OpenRLHF's own KL, unchanged; k1-in-reward: force the k1 estimator "
              "in the reward (exact on-policy); k1-rtg-loss: the k1 reward-to-go loss with per-decision importance "
              "weights from vLLM's log-probs (exact on- and off-policy; turns on --algo.kl.use_loss). An explicit "
              f"value beats {ENV_VAR}",
     )
     parser.add_argument(
-        TRUNCATION_FLAG, type=float, default=None,
+        truncation, dest=TRUNCATION_FLAG[2:], type=float, default=None,
         help="k1-rtg-loss: truncate the per-decision importance weights at this value (> 1; lower variance, a "
              "bias; default: none, exact)",
     )
@@ -90,15 +102,16 @@ def launcher_parser() -> argparse.ArgumentParser:
 def strip_mode(argv: Sequence[str]) -> list[str]:
     """``argv`` without kl-patches' own flags (``--algo.kl.mode X``, ``--algo.kl.truncation X``, or ``=X``):
     OpenRLHF does not know them."""
+    own = own_flags()
     out, skip = [], False
     for index, item in enumerate(argv):
         if skip:
             skip = False
             continue
-        if item in OWN_FLAGS:
+        if item in own:
             skip = index + 1 < len(argv)
             continue
-        if item.split("=", 1)[0] in OWN_FLAGS and "=" in item:
+        if item.split("=", 1)[0] in own and "=" in item:
             continue
         out.append(item)
     return out
@@ -107,18 +120,19 @@ def strip_mode(argv: Sequence[str]) -> list[str]:
 def explicit_mode(argv: Sequence[str]) -> str | None:
     """The ``--algo.kl.mode`` value on the command line, None when absent (read before OpenRLHF is imported, so
     the post-import autoloader already sees the mode that wins)."""
-    value = None
+    value, flag = None, mode_flag()
     for index, item in enumerate(argv):
-        if item == MODE_FLAG and index + 1 < len(argv):
+        if item == flag and index + 1 < len(argv):
             value = argv[index + 1]
-        elif item.startswith(MODE_FLAG + "="):
+        elif item.startswith(flag + "="):
             value = item.split("=", 1)[1]
     return value
 
 
 def openrlhf_args(argv: Sequence[str]):
-    """The nested arguments ``train`` receives for ``train_ppo_ray <argv>``, after all of OpenRLHF's own checks
-    (an AssertionError or SystemExit from them propagates). Needs neither Ray nor a GPU."""
+    """The arguments ``train`` receives for ``train_ppo_ray <argv>``, after all of OpenRLHF's own checks (an
+    AssertionError or SystemExit from them propagates), with 0.11's nested names (``compat.nested``: a view of a flat
+    release's namespace; ``compat.flat`` gives OpenRLHF's own back). Needs neither Ray nor a GPU."""
     import ray
 
     import openrlhf.utils
@@ -134,7 +148,7 @@ def openrlhf_args(argv: Sequence[str]):
         with _swapped(openrlhf.utils, "get_strategy", stop), _swapped(ray, "is_initialized", lambda: True):
             _run_cli_main()
     except _Stop as captured:
-        return captured.value
+        return compat.nested(captured.value)
     finally:
         sys.argv = saved_argv
     raise PatchError(f"openrlhf {installed_version('openrlhf')}: train_ppo_ray's train() no longer starts with "
@@ -176,7 +190,7 @@ def reward_path_issues(args) -> list[str]:
     if getattr(args.actor, "loss_agg_mode", "token-mean") != "token-mean" or args.actor.policy_loss_type == "gspo":
         issues.append("the policy loss is not a token mean (seq-mean-token-mean or gspo weights each response by "
                       "1/|y|): a length-weighted objective")
-    return issues
+    return [compat.to_flags(issue) for issue in issues]
 
 
 def records_sampler_log_probs(args) -> bool:
@@ -233,7 +247,7 @@ def refusals(mode: str, args) -> list[Refusal]:
             "--train.async_enable",
             "k1-in-reward is exact on-policy only, and async training trains on samples from older weights",
             f"{MODE_FLAG} k1-rtg-loss with {CORRECTION_FLAG} token"))
-    return out
+    return [Refusal(compat.to_flags(r.flag), compat.to_flags(r.reason), compat.to_flags(r.fix)) for r in out]
 
 
 @dataclass
@@ -253,6 +267,13 @@ class LaunchPlan:
 
 
 def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPlan:
+    try:
+        return _plan(argv, strict=strict, environ=environ)
+    except KLModeError as error:  # said in the installed release's flags
+        raise KLModeError(compat.to_flags(str(error))) from None
+
+
+def _plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPlan:
     """Parse ``argv`` (train_ppo_ray arguments plus kl-patches' flags) and validate the combination, before any
     work. The mode is ``--algo.kl.mode``, else ``KL_PATCHES_MODE``, else library (``resolve_mode``: a conflict is
     said once). Raises KLModeError for incompatible flags and, when ``strict``, for configurations the mode cannot
@@ -260,7 +281,7 @@ def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPla
     from kl_patches import terms
 
     namespace = launcher_parser().parse_args(list(argv))
-    mode, origin = resolve_mode(getattr(namespace, MODE_FLAG[2:]), MODE_FLAG, default=LIBRARY, environ=environ)
+    mode, origin = resolve_mode(getattr(namespace, MODE_FLAG[2:]), mode_flag(), default=LIBRARY, environ=environ)
     truncation = getattr(namespace, TRUNCATION_FLAG[2:])
     if truncation is not None:
         if mode != K1_RTG_LOSS:
@@ -269,7 +290,7 @@ def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPla
     openrlhf_argv = strip_mode(argv)
     args = openrlhf_args(openrlhf_argv)
     notes: list[str] = []
-    if origin != MODE_FLAG and mode != LIBRARY:
+    if origin != mode_flag() and mode != LIBRARY:
         notes.append(f"mode {mode} from {ENV_VAR}")
     kl = args.algo.kl
     if mode != LIBRARY and not kl.init_coef > 0:
@@ -293,7 +314,7 @@ def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPla
     normalizer = mu_source = None
     if mode == K1_RTG_LOSS:
         if not kl.use_loss:
-            openrlhf_argv.append("--algo.kl.use_loss")
+            openrlhf_argv.append(compat.flag("algo.kl.use_loss"))
             args = openrlhf_args(openrlhf_argv)
             notes.append("k1-rtg-loss puts the KL in the loss: --algo.kl.use_loss turned on (the reward carries no KL)")
         if kl.estimator != "k1" or getattr(kl, "unbiased_gradient", False):
@@ -321,5 +342,7 @@ def plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPla
                     f"kl-patches does not turn it on for you)")
     refused = refusals(mode, args)
     if refused and strict:
-        raise KLModeError(f"{MODE_FLAG} {mode} cannot be exact here: " + " | ".join(map(str, refused)))
+        raise KLModeError(compat.to_flags(f"{MODE_FLAG} {mode} cannot be exact here: ") +
+                          " | ".join(map(str, refused)))
+    notes = [compat.to_flags(note) for note in notes]
     return LaunchPlan(mode, openrlhf_argv, args, notes, origin, truncation, refused, normalizer, mu_source)

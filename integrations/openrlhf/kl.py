@@ -89,6 +89,20 @@ def kl_scale(batch_num_tokens, dp_size: int, deepspeed_gas: int, normalizer: flo
     return tokens * float(deepspeed_gas) / float(normalizer)
 
 
+def kl_scale_micro_batch(action_mask: Tensor, dp_size: int, deepspeed_gas: int, loss_scale: float,
+                         normalizer: float, dtype=torch.float64):
+    """The same factor for OpenRLHF 0.9's KL block: ``masked_mean(kl, action_mask)`` divides by this micro-batch's
+    token count n, ``training_step`` multiplies by ``loss_scale`` (``dynamic_loss_scale[step]``, 1 without dynamic
+    batching), DeepSpeed by 1/gas and averages over ``dp_size`` ranks; ``n * gas * dp_size / (loss_scale * C)``
+    leaves ``sum(surrogate) / C`` summed over every micro-batch of every rank."""
+    tokens = action_mask.detach().to("cpu", dtype).sum()
+    if not float(tokens) > 0:
+        raise ValueError("the micro-batch has no response token")
+    if not loss_scale > 0:
+        raise ValueError(f"the micro-batch loss scale must be positive, got {loss_scale}")
+    return tokens * (float(deepspeed_gas) * float(dp_size) / (float(loss_scale) * float(normalizer)))
+
+
 def step_metrics(log_probs: Tensor, ref_log_probs: Tensor, behaviour_log_probs: Tensor, action_mask: Tensor,
                  *, truncation: float | None, mu_source: float) -> dict[str, Tensor]:
     """``kl_patches/*`` entries for ``experience.info`` (0-dim: token-weighted, (B,): sample-weighted by

@@ -61,8 +61,9 @@ def settle_environment(argv: Sequence[str], environ=None) -> str:
     from kl_patches.modes import resolve_mode
 
     environ = os.environ if environ is None else environ
-    mode, origin = resolve_mode(config.explicit_mode(argv), config.MODE_FLAG, default=LIBRARY, environ=environ)
-    if origin == config.MODE_FLAG:
+    flag = config.mode_flag()
+    mode, origin = resolve_mode(config.explicit_mode(argv), flag, default=LIBRARY, environ=environ)
+    if origin == flag:
         if mode == LIBRARY:
             environ.pop(ENV_VAR, None)
         else:
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KLModeError("Ray is already initialised in this process: kl-patches-openrlhf must start it to "
                               "install the worker setup hook")
         ray.init(runtime_env=build_runtime_env(plan.mode, truncation=plan.truncation))
-        _say(f"--algo.kl.mode {plan.mode} (from {plan.origin}): active in this process and in every Ray worker of "
+        _say(f"{config.mode_flag()} {plan.mode} (from {plan.origin}): active in this process and in every Ray worker of "
              f"this job; mu = {plan.mu_source or 'n/a'}")
     run_openrlhf_main(plan.argv)
     return 0

@@ -1,6 +1,6 @@
 """The OpenRLHF patch targets: one replacement ``compute_approx_kl`` and a context-setting ``training_step``.
 
-OpenRLHF 0.11 computes the KL in two places, both through ``openrlhf.models.utils.compute_approx_kl``:
+OpenRLHF (0.11; 0.9.3 the same with flat flags, :mod:`.compat`) computes the KL in two places, both through ``openrlhf.models.utils.compute_approx_kl``:
 
 * the reward path (default): ``RemoteExperienceMaker.make_experience`` (in the ``PPOTrainer`` Ray actor) calls it
   under ``torch.no_grad`` with ``--algo.kl.estimator``; ``compute_reward`` turns it into per-token rewards and
@@ -22,7 +22,9 @@ target                                                 why (and when it can go)
 ``openrlhf.models.utils.compute_approx_kl``            k1 in the reward / the rtg surrogate in the loss (until
 (and every ``from ... import`` copy: ``Rebind``)       OpenRLHF has a sequence-level KL option)
 ``...ray.ppo_actor.ActorPPOTrainer.training_step``     gives the KL the experience (mu, mask) and the step's
-                                                       loss_batch_info; logs ``kl_patches/*``
+                                                       loss_batch_info (0.11) or step index (0.9: its signature is
+                                                       ``(experience, kl_ctl, step)``, see :mod:`.compat`); logs
+                                                       ``kl_patches/*``
 =====================================================  ==========================================================
 """
 
@@ -39,7 +41,7 @@ from typing import Any, Callable
 import torch
 import wrapt
 
-from kl_patches.integrations.openrlhf import SUPPORTED, kl
+from kl_patches.integrations.openrlhf import SUPPORTED, compat, kl
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, KLModeError, validate_mode
 from kl_patches.patching import MARKER, DeferredPatch, Integration, Patch, PatchError, Rebind
 
@@ -166,14 +168,14 @@ def make_compute_approx_kl(integration: OpenRLHFIntegration, original):
 
 def _reward_path_kl(mode: str, original, args: tuple, kwargs: dict):
     if mode == K1_RTG_LOSS:
-        raise KLModeError(
+        raise KLModeError(compat.to_flags(
             "kl-patches k1-rtg-loss puts the KL in the loss, but OpenRLHF is computing an in-reward KL because "
             "--algo.kl.use_loss is off: add --algo.kl.use_loss (the kl-patches-openrlhf launcher turns it on for you)"
-        )
+        ))
     call = _arguments(original, args, kwargs)
     if call.get("kl_estimator", "k1") != "k1":
-        _warn_once(f"kl-patches k1-in-reward: --algo.kl.estimator {call['kl_estimator']} is overridden to k1 "
-                   f"in the reward")
+        _warn_once(compat.to_flags(f"kl-patches k1-in-reward: --algo.kl.estimator {call['kl_estimator']} is "
+                                   f"overridden to k1 in the reward"))
     call["kl_estimator"] = "k1"
     call.pop("unbiased_gradient", None)  # only shapes a gradient; the reward is detached
     return original(**call)
@@ -185,23 +187,25 @@ def sampler_log_probs(experience, args) -> tuple[torch.Tensor, float]:
     sampler's, stale samples would get weight 1) and warned about otherwise (vLLM/actor numerics differ)."""
     if experience.rollout_log_probs is not None:
         return experience.rollout_log_probs, kl.MU_SAMPLER
+    args = compat.nested(args)
     if getattr(args.train, "async_enable", False):
-        raise KLModeError(
+        raise KLModeError(compat.to_flags(
             "kl-patches k1-rtg-loss with --train.async_enable needs the sampler's log-probs: the experience has no "
             "rollout_log_probs, and action_log_probs are recomputed with the current weights (stale samples would "
-            "get importance weight 1). Add --algo.advantage.is_correction_level token (vLLM then records them)")
+            "get importance weight 1). Add --algo.advantage.is_correction_level token (vLLM then records them)"))
     if experience.action_log_probs is None:
         raise PatchError("kl-patches k1-rtg-loss: the experience has neither rollout_log_probs nor action_log_probs")
-    _warn_once("kl-patches k1-rtg-loss: no rollout_log_probs (--algo.advantage.is_correction_level off), so mu is the "
-               "actor's recomputation (action_log_probs), not vLLM's: exact only while vLLM and the actor agree. "
-               "Add --algo.advantage.is_correction_level token to use the sampler's log-probs")
+    _warn_once(compat.to_flags(
+        "kl-patches k1-rtg-loss: no rollout_log_probs (--algo.advantage.is_correction_level off), so mu is the "
+        "actor's recomputation (action_log_probs), not vLLM's: exact only while vLLM and the actor agree. "
+        "Add --algo.advantage.is_correction_level token to use the sampler's log-probs"))
     return experience.action_log_probs, kl.MU_TRAINER
 
 
 def deepspeed_gas(trainer) -> int:
     """How many micro-batches DeepSpeed accumulates (it scales every backward by 1/gas): 1 under dynamic batching
     (OpenRLHF's ds_config), else the strategy's accumulated_gradient; checked against the engine when it has one."""
-    args = trainer.args
+    args = compat.nested(trainer.args)
     gas = 1 if args.train.dynamic_batch_enable else int(trainer.strategy.accumulated_gradient)
     engine = getattr(getattr(trainer, "actor", None), "model", None)
     reported = getattr(engine, "gradient_accumulation_steps", None)
@@ -213,21 +217,27 @@ def deepspeed_gas(trainer) -> int:
 
 def _loss_path_kl(mode: str, original, context: LossContext, args: tuple, kwargs: dict):
     if mode == K1_IN_REWARD:
-        raise KLModeError(
+        raise KLModeError(compat.to_flags(
             "kl-patches k1-in-reward puts the KL in the reward, but --algo.kl.use_loss moved OpenRLHF's KL into the "
             "loss: drop --algo.kl.use_loss, or use --algo.kl.mode k1-rtg-loss"
-        )
+        ))
     call = _arguments(original, args, kwargs)
     log_probs, ref_log_probs = call["log_probs"], call["log_probs_base"]
     if call.get("kl_estimator", "k1") != "k1" or call.get("unbiased_gradient", False):
-        _warn_once("kl-patches k1-rtg-loss: --algo.kl.estimator / --algo.kl.unbiased_gradient no longer shape the "
-                   "gradient (the k1 reward-to-go surrogate does); the logged kl is the k1 estimate")
+        _warn_once(compat.to_flags(
+            "kl-patches k1-rtg-loss: --algo.kl.estimator / --algo.kl.unbiased_gradient no longer shape the "
+            "gradient (the k1 reward-to-go surrogate does); the logged kl is the k1 estimate"))
     trainer, experience, info = context.trainer, context.experience, context.loss_batch_info
     behaviour, source = sampler_log_probs(experience, trainer.args)
     behaviour = behaviour.to(log_probs.device)
     truncation = kl.truncation_from_env()
-    scale = kl.kl_scale(info["batch_num_tokens"], info["dp_size"], deepspeed_gas(trainer),
-                        kl.fixed_normalizer(trainer.args)).to(log_probs.device)
+    normalizer = kl.fixed_normalizer(compat.nested(trainer.args))
+    if info.get("batch_num_tokens") is not None:  # 0.11: aggregate_loss over the step's token count
+        scale = kl.kl_scale(info["batch_num_tokens"], info["dp_size"], deepspeed_gas(trainer), normalizer)
+    else:  # 0.9: masked_mean over this micro-batch's tokens (x the dynamic-batch loss scale)
+        scale = kl.kl_scale_micro_batch(experience.action_mask, micro_batch_dp_size(trainer), deepspeed_gas(trainer),
+                                        micro_batch_loss_scale(trainer, info["step"]), normalizer)
+    scale = scale.to(log_probs.device)
     value = original(log_probs, ref_log_probs, kl_estimator="k1")
     experience.info.update(kl.step_metrics(log_probs, ref_log_probs, behaviour, experience.action_mask,
                                            truncation=truncation, mu_source=source))
@@ -235,7 +245,45 @@ def _loss_path_kl(mode: str, original, context: LossContext, args: tuple, kwargs
                               value=value, truncation=truncation, scale=scale)
 
 
+def micro_batch_dp_size(trainer) -> int:
+    """0.9: the data-parallel ranks DeepSpeed averages the gradient over (world / ring attention / tensor parallel)."""
+    args = compat.nested(trainer.args)
+    world = getattr(trainer.strategy, "world_size", None)
+    if world is None:
+        raise PatchError(f"{LIBRARY_NAME}: the strategy has no world_size; kl-patches cannot fix the KL normaliser")
+    return int(world) // int(args.ds.ring_attn_size) // int(args.ds.tensor_parallel_size)
+
+
+def micro_batch_loss_scale(trainer, step: int) -> float:
+    """0.9: the factor training_step multiplies the micro-batch loss by (``dynamic_loss_scale[step]`` under dynamic
+    batching, else 1)."""
+    if not compat.nested(trainer.args).train.dynamic_batch_enable:
+        return 1.0
+    return float(trainer.replay_buffer.dynamic_loss_scale[step])
+
+
 def make_training_step(original):
+    """The context-setting wrapper, for the installed release's ``training_step`` signature (:mod:`.compat`)."""
+    import inspect
+
+    row = compat.flavour(integration.version)
+    expected = ["self", "experience", "kl_ctl", "step", *(["loss_batch_info"] if row.loss_batch_info else [])]
+    found = list(inspect.signature(original).parameters)
+    if found[:len(expected)] != expected or (not row.loss_batch_info and "loss_batch_info" in found):
+        raise PatchError(f"{LIBRARY_NAME} {integration.version}: expected {ACTOR_MODULE}.{TRAINER_CLASS}.training_step"
+                         f"({', '.join(expected)}), found ({', '.join(found)}); kl-patches cannot give its KL block the "
+                         f"experience")
+    if not row.loss_batch_info:
+        def training_step_micro_batch(self, experience, kl_ctl, step, *args, **kwargs):
+            # 0.9: the KL block divides by this micro-batch's own token count; the step index finds its loss scale
+            token = _LOSS_CONTEXT.set(LossContext(self, experience, {"step": step}))
+            try:
+                return original(self, experience, kl_ctl, step, *args, **kwargs)
+            finally:
+                _LOSS_CONTEXT.reset(token)
+
+        return training_step_micro_batch
+
     def training_step(self, experience, kl_ctl, step, loss_batch_info=None, *args, **kwargs):
         if loss_batch_info is None:  # what the original computes itself (dynamic batching); computed once, here
             get_info = vars(sys.modules[ACTOR_MODULE])["get_loss_batch_info"]

@@ -69,7 +69,10 @@ def available(cell) -> bool:
         from openrlhf.models import utils
 
         return "log_probs_old" in inspect.signature(vars(utils)["compute_approx_kl"]).parameters
-    return all(item in _known_flags() for item in cell.argv if item.startswith("--"))
+    from kl_patches.integrations.openrlhf import compat
+
+    translated = compat.translate_argv(cell.argv)  # 0.11's flags in the installed release's (None: no equivalent)
+    return translated is not None and all(item in _known_flags() for item in translated if item.startswith("--"))
 
 
 @dataclass
@@ -149,6 +152,7 @@ def audit_step_cell(spec: PolicySpec, cell: StepCell, regime: str, *, notes: Seq
                     configuration: str | None = None, user_config: bool = False, fix: str | None = None,
                     reason: str | None = None, argv: Sequence[str] | None = None) -> AuditRecord:
     """One step cell in one regime ("on": the sampler is pi; "off": a stale sampler mu), through ``ppo_train``."""
+    from kl_patches.integrations.openrlhf import compat
     from kl_patches.integrations.openrlhf.audit.cells import STEP_BASE
 
     problem = build_problem(step_spec(spec), off_policy=regime == "off")
@@ -158,10 +162,11 @@ def audit_step_cell(spec: PolicySpec, cell: StepCell, regime: str, *, notes: Seq
     return audit_record(
         problem, None, step_fn=ppo_step_fn(problem, args, cell.setup), num_groups=cell.groups, group_size=GROUP_SIZE,
         scale=step_scale(args, cell.mode, problem, rows), library=LIBRARY_NAME,
-        library_version=installed_version(LIBRARY_NAME) or "?", configuration=configuration or cell.configuration,
+        library_version=installed_version(LIBRARY_NAME) or "?", configuration=compat.to_flags(configuration or cell.configuration),
         estimator=cell.estimator, placement=cell.placement,
-        reason=reason or (cell.reason_on if regime == "on" else cell.reason_off), mode=cell.mode,
-        fix=fix if fix is not None else cell.fix, notes=[*STEP_NOTES, *notes], user_config=user_config,
+        reason=compat.to_flags(reason or (cell.reason_on if regime == "on" else cell.reason_off)), mode=cell.mode,
+        fix=compat.to_flags(fix if fix is not None else cell.fix or "") or None,
+        notes=[compat.to_flags(note) for note in (*STEP_NOTES, *notes)], user_config=user_config,
         argv=list(cell.argv if argv is None else argv), setup={"ranks": cell.setup.ranks,
                                                                "actor_log_probs": cell.setup.actor_log_probs},
     )

@@ -117,6 +117,7 @@ CELLS: tuple[Cell, ...] = (
 #: lengths 1, 2, 2; 81 ordered batches, all enumerated).
 STEP_VOCAB, STEP_HORIZON, STEP_GROUPS = 2, 2, 2
 STEP_BASE = ("--rollout.n_samples_per_prompt", str(GROUP_SIZE), "--rollout.batch_size", str(STEP_GROUPS),
+             "--rollout.micro_batch_size", "1",  # one Experience per response, as the harness builds them
              "--rollout.max_new_tokens", str(STEP_HORIZON), "--train.batch_size", "4", "--train.micro_batch_size", "2",
              "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1")
 RTG = ("--algo.kl.use_loss", "--algo.advantage.estimator", "group_norm")

@@ -47,6 +47,7 @@ import torch
 from kl_patches.audit import AuditBatch, AuditRecord, PolicySpec, audit_record, build_problem, exact_kl_gradient
 from kl_patches.audit.engine import accumulated_grad
 from kl_patches.audit.records import NOT_COVERED
+from kl_patches.integrations.openrlhf import compat
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, KLModeError
 from kl_patches.patching import installed_version
 
@@ -81,14 +82,22 @@ def plain(tensor: Tensor) -> Tensor:
 
 def _openrlhf():
     """OpenRLHF's modules the audit drives (placeholders are the caller's business: see :func:`audit`)."""
-    from openrlhf.models import PolicyLoss, aggregate_loss
+    import openrlhf.models as models
+    from openrlhf.models import PolicyLoss
     from openrlhf.trainer.ppo_utils import experience_maker
-    from openrlhf.trainer.ppo_utils.experience import Experience
     from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
     from openrlhf.trainer.ray import ppo_actor
 
-    return SimpleNamespace(PolicyLoss=PolicyLoss, aggregate_loss=aggregate_loss, experience_maker=experience_maker,
-                           Experience=Experience, FixedKLController=FixedKLController, ppo_actor=ppo_actor)
+    if compat.flavour().loss_batch_info:  # 0.11
+        from openrlhf.trainer.ppo_utils.experience import Experience, balance_experiences
+    else:  # 0.9: Experience in experience_maker, balance_experiences in replay_buffer, no aggregate_loss
+        from openrlhf.trainer.ppo_utils.experience_maker import Experience
+        from openrlhf.trainer.ppo_utils.replay_buffer import balance_experiences
+
+    return SimpleNamespace(PolicyLoss=PolicyLoss, aggregate_loss=getattr(models, "aggregate_loss", None),
+                           experience_maker=experience_maker, Experience=Experience,
+                           balance_experiences=balance_experiences, FixedKLController=FixedKLController,
+                           ppo_actor=ppo_actor)
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,8 +110,12 @@ def _parsed(argv: tuple[str, ...]):
 
 def audit_args(argv: Sequence[str] = (), **overrides):
     """OpenRLHF's arguments for ``train_ppo_ray <BASE_ARGV> <argv>`` (its own parser and checks), as a fresh copy;
-    ``overrides`` set dotted attributes, e.g. ``audit_args(**{"algo.kl.use_loss": True})``."""
-    args = copy.deepcopy(_parsed(tuple(BASE_ARGV) + tuple(argv)))
+    ``overrides`` set dotted attributes, e.g. ``audit_args(**{"algo.kl.use_loss": True})``. Flags and names are
+    0.11's; on a flat release (0.9) they are translated (``compat``) and the result is a nested view of its args."""
+    translated = compat.translate_argv((*BASE_ARGV, *argv))
+    if translated is None:
+        raise ValueError(f"openrlhf {installed_version('openrlhf')} has no equivalent of some of {list(argv)}")
+    args = copy.deepcopy(_parsed(tuple(translated)))
     for dotted, value in overrides.items():
         *path, last = dotted.split(".")
         node = args
@@ -120,6 +133,7 @@ class _CapturingStrategy:
 
     ring_attn_group = None
     accumulated_gradient = 1
+    world_size = 1
 
     def __init__(self, args) -> None:
         self.args = args
@@ -169,14 +183,15 @@ def minimal_trainer(args, log_probs: Tensor, sequences: Tensor):
     not run (it needs CUDA and torch.distributed); the attributes it would set from ``args`` are set the same way."""
     modules = _openrlhf()
     trainer = object.__new__(modules.ppo_actor.ActorPPOTrainer)
-    trainer.strategy = _CapturingStrategy(args)
-    trainer.args = args
+    trainer.strategy = _CapturingStrategy(compat.flat(args))
+    trainer.args = compat.flat(args)
     trainer.actor = _PolicyActor(log_probs, sequences)
     trainer.ema_model = None
     trainer.actor_optim = None
     trainer.actor_scheduler = _Scheduler()
     trainer.aux_loss = args.actor.aux_loss_coef > 1e-8
-    trainer.replay_buffer = SimpleNamespace(dynamic_optimizer_step=[True], dynamic_sample_loss_scale=[1.0])
+    trainer.replay_buffer = SimpleNamespace(dynamic_optimizer_step=[True], dynamic_sample_loss_scale=[1.0],
+                                            dynamic_loss_scale=[1.0])
     trainer.actor_loss_fn = modules.PolicyLoss(**policy_loss_kwargs(args))
     return trainer
 
@@ -192,14 +207,14 @@ def policy_loss_kwargs(args) -> dict:
     advantage = args.algo.advantage
     kwargs = dict(clip_eps_low=args.actor.eps_clip_low_high[0], clip_eps_high=args.actor.eps_clip_low_high[1],
                   dual_clip=args.actor.dual_clip, policy_loss_type=args.actor.policy_loss_type)
-    if "token_level_loss" in parameters and hasattr(args.actor, "loss_agg_mode"):  # 0.11.2
+    if "token_level_loss" in parameters and compat.flavour().flat is None:  # 0.11.2 (0.9.3 keeps the default)
         kwargs["token_level_loss"] = args.actor.loss_agg_mode == "token-mean"
     if "is_correction_level" in parameters:
         kwargs.update(is_correction_level=advantage.is_correction_level,
                       is_correction_mode=advantage.is_correction_mode,
                       is_correction_gating=advantage.is_correction_gating,
                       is_correction_threshold=advantage.is_correction_threshold)
-    else:  # 0.11.0 - 0.11.1
+    else:  # 0.11.0 - 0.11.1, 0.9.3
         kwargs.update(
             enable_vllm_is_correction=advantage.is_correction_enable,
             vllm_is_truncated_threshold=advantage.is_correction_threshold if advantage.is_correction_enable else None,
@@ -246,13 +261,32 @@ def reward_path(batch: AuditBatch, args, kl_coef: float = 1.0, *, copy_args: boo
         index=list(range(rows)), prompts=[AUDIT_PROMPT] * rows, info={},
     )
     experience.kl = kl
+    if not compat.flavour().loss_batch_info:
+        experience.info = _info_0_9(experience, kl, rows)
+    [experience] = _advantages([experience], args, kl_coef)
+    return experience
+
+
+def _info_0_9(experience, kl: Tensor, rows: int) -> dict:
+    """0.9 keeps the lengths and make_experience's KL mean in ``info`` (its replay buffer, ``balance_experiences`` and
+    ``ppo_train``'s status read them there); 0.11 has Experience fields."""
+    mask = experience.action_mask
+    lengths = mask.sum(-1).to(torch.float64)
+    kl_mean = (plain(kl) * mask).sum(-1) / lengths.clamp(min=1)
+    return {"kl": kl_mean, "response_length": lengths, "total_length": lengths + 1,
+            "reward": torch.zeros(rows, dtype=torch.float64)}
+
+
+def _advantages(experiences: list, args, kl_coef: float) -> list:
+    """OpenRLHF's own ``RemoteExperienceMaker.compute_advantages_and_returns`` (on the release's own args)."""
+    modules = _openrlhf()
     maker = object.__new__(modules.experience_maker.RemoteExperienceMaker)
-    maker.strategy, maker.args = SimpleNamespace(args=args), args
+    own = compat.flat(args)
+    maker.strategy, maker.args = SimpleNamespace(args=own), own
     maker.advantage_estimator = args.algo.advantage.estimator
     maker.kl_ctl = modules.FixedKLController(kl_coef)
     with contextlib.redirect_stdout(io.StringIO()):
-        [experience] = maker.compute_advantages_and_returns([experience])
-    return experience
+        return maker.compute_advantages_and_returns(experiences)
 
 
 def training_loss(batch: AuditBatch, args, experience, kl_coef: float = 1.0, normalizer: float | None = None):
@@ -261,8 +295,11 @@ def training_loss(batch: AuditBatch, args, experience, kl_coef: float = 1.0, nor
     trainer = minimal_trainer(args, keep64(batch.logp), experience.sequences)
     rows = batch.tokens.shape[0]
     normalizer = float(rows) if normalizer is None else float(normalizer)
-    loss_batch_info = {"dp_size": 1, "batch_num_tokens": normalizer, "global_batch_size": float(rows)}
-    trainer.training_step(experience, kl_coef, 0, loss_batch_info)
+    if compat.flavour().loss_batch_info:
+        loss_batch_info = {"dp_size": 1, "batch_num_tokens": normalizer, "global_batch_size": float(rows)}
+        trainer.training_step(experience, kl_coef, 0, loss_batch_info)
+    else:  # 0.9: the KL is masked_mean over the micro-batch's tokens; there is no normaliser to set
+        trainer.training_step(experience, kl_coef, 0)
     if trainer.strategy.loss is None:
         raise RuntimeError("OpenRLHF's training_step returned without calling strategy.backward")
     return trainer.strategy.loss
@@ -411,7 +448,8 @@ class _EmulatedDeepSpeed:
 
     def __init__(self, args, collective: _Collective, parameters: list[Tensor], steps: list[Tensor],
                  step_barrier: threading.Barrier) -> None:
-        self.args = args
+        self.args = compat.flat(args)  # what OpenRLHF's code reads; ``args`` (nested names) is read here
+        self.world_size = collective.world
         self.collective = collective
         self.parameters = parameters
         self.steps = steps
@@ -498,32 +536,30 @@ def _sample_experiences(batch: AuditBatch, args, policy_logp: Tensor, setup: Ste
                 kl = plain(kl)
             else:
                 kl = torch.zeros_like(action_lp)
-        experience = modules.Experience(
+        fields = dict(
             sequences=sequences, attention_mask=torch.cat([torch.ones(1, 1, dtype=torch.long), mask.long()], 1),
             action_mask=mask.clone(), action_log_probs=action_lp.clone(),
             base_action_log_probs=ref.clone() if args.algo.kl.use_loss else None,
             rollout_log_probs=sampler[row:row + 1].clone() if correction else None,
             values=torch.zeros(1, horizon, dtype=torch.float64), rewards=torch.zeros(1, dtype=torch.float64),
-            response_length=torch.tensor([float(length)]), total_length=torch.tensor([float(length + 1)]),
             index=[row], prompts=[f"{AUDIT_PROMPT} {int(batch.group_ids[row])}"], info={},
         )
+        if compat.flavour().loss_batch_info:  # 0.11: lengths are Experience fields
+            fields.update(response_length=torch.tensor([float(length)]),
+                          total_length=torch.tensor([float(length + 1)]))
+        experience = modules.Experience(**fields)
+        if not compat.flavour().loss_batch_info:  # 0.9: lengths and make_experience's KL mean live in info
+            experience.info = _info_0_9(experience, kl, 1)
         experience.kl = kl
         experiences.append(experience)
-    maker = object.__new__(modules.experience_maker.RemoteExperienceMaker)
-    maker.strategy, maker.args = SimpleNamespace(args=args), args
-    maker.advantage_estimator = args.algo.advantage.estimator
-    maker.kl_ctl = modules.FixedKLController(kl_coef)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return maker.compute_advantages_and_returns(experiences)
+    return _advantages(experiences, args, kl_coef)
 
 
 def _rank_chunks(experiences: list, args, ranks: int) -> list[list]:
     """What each rank's ``append`` receives: ``balance_experiences`` under dynamic batching (``PPOTrainer``), then
     ``async_run_method_batch``'s contiguous chunks of ceil(n / ranks)."""
-    from openrlhf.trainer.ppo_utils.experience import balance_experiences
-
     if args.train.dynamic_batch_enable:
-        experiences = balance_experiences(experiences, args)
+        experiences = _openrlhf().balance_experiences(experiences, compat.flat(args))
     chunk = -(-len(experiences) // ranks)
     return [experiences[i * chunk:(i + 1) * chunk] for i in range(ranks)]
 
@@ -532,16 +568,23 @@ def _rank_chunks(experiences: list, args, ranks: int) -> list[list]:
 def _cpu_openrlhf(fake: _FakeDist):
     """OpenRLHF's CUDA device lookups answer "cpu" and its loss utilities / replay buffer use the in-process
     collectives, for the duration of one step."""
-    from openrlhf.trainer.ppo_utils import replay_buffer
-    from openrlhf.utils import loss_utils
+    import importlib
 
-    saved = (torch.cuda.current_device, loss_utils.dist, replay_buffer.dist)
+    from openrlhf.trainer.ppo_utils import replay_buffer
+
+    # 0.11 reduces the loss normaliser in openrlhf.utils.loss_utils; 0.9 has no such module
+    modules = [replay_buffer] + ([importlib.import_module("openrlhf.utils.loss_utils")]
+                                 if compat.flavour().loss_batch_info else [])
+    saved = (torch.cuda.current_device, [module.dist for module in modules])
     torch.cuda.current_device = lambda: "cpu"
-    loss_utils.dist = replay_buffer.dist = fake
+    for module in modules:
+        module.dist = fake
     try:
         yield
     finally:
-        torch.cuda.current_device, loss_utils.dist, replay_buffer.dist = saved
+        torch.cuda.current_device = saved[0]
+        for module, dist in zip(modules, saved[1]):
+            module.dist = dist
 
 
 def _rank_trainer(args, strategy, actor, kl_coef: float):
@@ -551,7 +594,7 @@ def _rank_trainer(args, strategy, actor, kl_coef: float):
     from openrlhf.trainer.ppo_utils import NaiveReplayBuffer
 
     trainer = object.__new__(modules.ppo_actor.ActorPPOTrainer)
-    trainer.strategy, trainer.args, trainer.actor = strategy, args, actor
+    trainer.strategy, trainer.args, trainer.actor = strategy, compat.flat(args), actor
     trainer.ema_model, trainer.actor_optim, trainer.actor_scheduler = None, None, _Scheduler()
     trainer.dataloader_pin_memory = False
     trainer.micro_train_batch_size = args.train.micro_batch_size

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from kl_patches.audit import AuditRecord, PolicySpec
 from kl_patches.audit.records import NOT_COVERED
+from kl_patches.integrations.openrlhf import compat
 from kl_patches.integrations.openrlhf.audit.cells import GROUP_SIZE, STEP_GROUPS, STEP_HORIZON, StepCell
 from kl_patches.integrations.openrlhf.audit.harness import BASE_ARGV, LIBRARY_NAME, StepSetup
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, KLModeError
@@ -34,8 +35,10 @@ def _with_model_paths(argv: list[str]) -> list[str]:
     """The audit loads no model: fill in the model paths OpenRLHF's checks read when the command line has none."""
     given = {item.split("=", 1)[0] for item in argv}
     extra: list[str] = []
+    remote, reward = compat.flag("reward.remote_url"), compat.flag("reward.model_name_or_path")
     for flag, value in zip(BASE_ARGV[::2], BASE_ARGV[1::2]):
-        if flag not in given and not (flag == "--reward.model_name_or_path" and "--reward.remote_url" in given):
+        flag = compat.flag(flag[2:])
+        if flag not in given and not (flag == reward and remote in given):
             extra += [flag, value]
     return extra + argv
 
@@ -45,7 +48,8 @@ def _not_covered(label: str, mode: str, estimator: str, reason: str, fix: str | 
     return AuditRecord(
         library=LIBRARY_NAME, library_version=installed_version(LIBRARY_NAME) or "?", configuration=label, mode=mode,
         estimator=estimator, placement="-", policy="-", rel_err=None, cosine=None, norm_ratio=None,
-        verdict=NOT_COVERED, reason=reason, fix=fix, notes=list(notes), user_config=True, spec={"argv": list(argv)})
+        verdict=NOT_COVERED, reason=compat.to_flags(reason), fix=None if fix is None else compat.to_flags(fix),
+        notes=list(notes), user_config=True, spec={"argv": list(argv)})
 
 
 def unmodelled(args) -> list[str]:
@@ -57,7 +61,7 @@ def unmodelled(args) -> list[str]:
         out.append(f"--ds.tensor_parallel_size {args.ds.tensor_parallel_size}: DeepSpeed tensor parallelism")
     if args.reward.remote_url is None and getattr(args.train, "agent_func_path", None):
         out.append("--train.agent_func_path: multi-turn agent rollouts (tool tokens inside the action mask)")
-    return out
+    return [compat.to_flags(item) for item in out]
 
 
 def step_sizes(args, plan_ranks: int) -> list[str]:
@@ -76,7 +80,7 @@ def step_sizes(args, plan_ranks: int) -> list[str]:
              str(min(args.train.max_epochs, 2)), "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(ranks)]
     if args.train.dynamic_batch_enable:
         sizes += ["--train.max_tokens_per_gpu", "4"]
-    return sizes
+    return compat.translate_argv(sizes)
 
 
 def audit_user(spec: PolicySpec, argv: list[str], notes: list[str]) -> list[AuditRecord]:
@@ -126,8 +130,9 @@ def audit_user(spec: PolicySpec, argv: list[str], notes: list[str]) -> list[Audi
         regimes.append(("off", StepSetup(ranks=ranks, actor_log_probs="current")))
     records = []
     for regime, setup in regimes:
-        cell = StepCell(label, tuple(step_argv), plan.mode, estimator, placement, "", "", setup, fix=FIX_RTG)
-        reason = _reason(plan, regime, placement)
+        cell = StepCell(label, tuple(step_argv), plan.mode, estimator, placement, "", "", setup,
+                        fix=compat.to_flags(FIX_RTG))
+        reason = compat.to_flags(_reason(plan, regime, placement))
         record = runner.audit_step_cell(spec, cell, "on" if regime == "on" else "off", notes=notes,
                                         user_config=True, reason=reason, argv=argv)
         record.spec["regime"] = regime

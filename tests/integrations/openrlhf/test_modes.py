@@ -11,6 +11,7 @@ from kl_patches import terms
 from kl_patches.audit import AuditBatch
 from kl_patches.integrations import openrlhf as adapter
 from kl_patches.integrations.openrlhf import audit as oaudit
+from kl_patches.integrations.openrlhf import compat
 from kl_patches.integrations.openrlhf.kl import fixed_normalizer, rtg_loss_tokens
 from kl_patches.modes import KLModeError
 from kl_patches.patching import PatchError
@@ -53,14 +54,14 @@ def test_k1_in_reward_refuses_the_kl_loss():
     adapter.enable("k1-in-reward")
     args = oaudit.audit_args(["--algo.kl.use_loss", "--algo.advantage.estimator", "group_norm",
                               "--rollout.n_samples_per_prompt", "2"])
-    with pytest.raises(KLModeError, match="drop --algo.kl.use_loss"):
+    with pytest.raises(KLModeError, match=compat.to_flags("drop --algo.kl.use_loss")):
         oaudit.openrlhf_loss(args)(batch)
 
 
 def test_k1_rtg_loss_refuses_the_in_reward_kl():
     _, batch = random_batch()
     adapter.enable("k1-rtg-loss")
-    with torch.no_grad(), pytest.raises(KLModeError, match="add --algo.kl.use_loss"):
+    with torch.no_grad(), pytest.raises(KLModeError, match=compat.to_flags("add --algo.kl.use_loss")):
         experience_maker.compute_approx_kl(batch.behaviour_logp, batch.ref_logp, kl_estimator="k1")
 
 
@@ -86,8 +87,13 @@ def test_k1_rtg_loss_in_training_step_undoes_the_token_count_for_a_fixed_C(dp_si
 
     adapter.enable("k1-rtg-loss")
     trainer = oaudit.minimal_trainer(args, oaudit.keep64(batch.logp), experience.sequences)
-    info = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": 4.0}
-    trainer.training_step(experience, 0.5, 0, info)
+    if compat.flavour().loss_batch_info:  # 0.11: aggregate_loss over the step's token count, x dp_size
+        info = {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": 4.0}
+        trainer.training_step(experience, 0.5, 0, info)
+    else:  # 0.9: masked_mean over this micro-batch's tokens; DeepSpeed averages over the world's dp_size ranks
+        trainer.strategy.world_size = dp_size
+        batch_num_tokens = float(batch.mask.sum())
+        trainer.training_step(experience, 0.5, 0)
     loss = oaudit.plain(trainer.strategy.loss)
     (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
 
@@ -97,7 +103,7 @@ def test_k1_rtg_loss_in_training_step_undoes_the_token_count_for_a_fixed_C(dp_si
     (expected,) = torch.autograd.grad(reference, theta)
     torch.testing.assert_close(grad, expected, rtol=1e-11, atol=1e-14)
     k1 = batch.logp.detach() - batch.ref_logp
-    value = (k1 * batch.mask).sum() / batch_num_tokens * dp_size
+    value = (k1 * batch.mask).sum() / batch_num_tokens * (dp_size if compat.flavour().loss_batch_info else 1)
     torch.testing.assert_close(float(experience.info["kl"]), float(value), rtol=1e-6, atol=1e-9)  # float32 value
     assert float(experience.info["kl_patches/mu_source"]) == 1.0
 

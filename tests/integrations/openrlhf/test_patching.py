@@ -80,10 +80,27 @@ def test_unsupported_version_is_refused_naming_the_version(monkeypatch):
     import kl_patches.patching as patching
 
     monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.10.4")
-    with pytest.raises(PatchError, match=r"openrlhf 0\.10\.4 is not supported .*openrlhf>=0\.11\.0,<0\.12"):
+    with pytest.raises(PatchError, match=r"openrlhf 0\.10\.4 is not supported .*closest supported release is "
+                                         r"openrlhf>=0\.11\.0,<0\.12"):
         adapter.enable("k1-rtg-loss")
     with pytest.raises(PatchError, match="0.10.4"):
         adapter.autoload("k1-in-reward")
+    assert utils.compute_approx_kl is ORIGINAL_KL
+
+
+@pytest.mark.parametrize("version,closest", [
+    ("0.9.0", "==0.9.3"), ("0.9.10", "==0.9.3"), ("0.8.11", "==0.9.3"), ("0.10.0", ">=0.11.0,<0.12"),
+    ("0.12.0", ">=0.11.0,<0.12"), ("1.0.0", ">=0.11.0,<0.12"),
+])
+def test_every_other_release_is_refused_with_the_closest_supported_one(monkeypatch, version, closest):
+    import re
+
+    import kl_patches.patching as patching
+
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: version)
+    with pytest.raises(PatchError, match=re.escape(f"openrlhf {version} is not supported") + ".*" +
+                       re.escape(f"the closest supported release is openrlhf{closest}")):
+        adapter.enable("k1-rtg-loss")
     assert utils.compute_approx_kl is ORIGINAL_KL
 
 

@@ -81,7 +81,7 @@ def test_metrics_reach_openrlhfs_status(monkeypatch):
 
     monkeypatch.setattr(ppo_actor.ActorPPOTrainer, "training_step", spy)
     oaudit.ppo_step(batch, args, problem.policy, oaudit.StepSetup(actor_log_probs="current"))
-    metrics = seen[0]["metrics"]
+    metrics = seen[0].get("metrics", seen[0])  # 0.11 nests the info under "metrics"; 0.9 merges it into the status
     for name in ("sequence_kl", "ess", "truncated_fraction", "capped_fraction", "mu_source"):
         assert f"kl_patches/{name}" in metrics
     assert float(metrics["kl_patches/mu_source"]) == 1.0  # vLLM's rollout_log_probs were mu
