@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["core", "trl", "verl", "openrlhf", "openrlhf-0.9"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -36,10 +36,11 @@ def core(session: nox.Session) -> None:
     session.run("pytest", "tests/core", "tests/benchmarks", *session.posargs)
 
 
-def library_session(session: nox.Session, library: str) -> None:
+def library_session(session: nox.Session, library: str, *install_args: str) -> None:
     install_torch(session)
-    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included).
-    session.run("bash", f"ci/install-{library}.sh", external=True)
+    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included); install_args
+    # choose the release for the sessions of older releases (e.g. openrlhf-0.9).
+    session.run("bash", f"ci/install-{library}.sh", *install_args, external=True)
     session.install(*CONSTRAINTS, ".[test]")
     session.run("pytest", f"tests/integrations/{library}", *session.posargs)
 
@@ -57,3 +58,9 @@ def verl(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def openrlhf(session: nox.Session) -> None:
     library_session(session, "openrlhf")
+
+
+@nox.session(python=PYTHON, name="openrlhf-0.9")
+def openrlhf_0_9(session: nox.Session) -> None:
+    """OpenRLHF 0.9.3 (flat flags, 0.9's training_step): the same tests, run against that release."""
+    library_session(session, "openrlhf", "0.9.3")

@@ -84,9 +84,12 @@ FLAVOURS: tuple[Flavour, ...] = (
             phrases={"--algo.advantage.is_correction_level token": "--enable_vllm_is_correction",
                      "--algo.advantage.is_correction_level": "--enable_vllm_is_correction",
                      " / --algo.kl.unbiased_gradient": "",
-                     # the audit's words for the token-count normaliser, which 0.9 applies per micro-batch
-                     "the step's realised token count (iter_grad_accum_global_norm / get_loss_batch_info)":
-                         "each micro-batch's realised token count (masked_mean in training_step)",
+                     # the audit's words for the token-count normaliser, which 0.9 applies per micro-batch: the
+                     # bias then shrinks with --micro_train_batch_size, not with the batch
+                     "the step's realised token count (iter_grad_accum_global_norm / get_loss_batch_info): a ratio "
+                     "estimator, biased by O(1/N)":
+                         "each micro-batch's realised token count (masked_mean in training_step): a ratio estimator "
+                         "over the micro-batch, biased by O(1/--micro_train_batch_size) however large the batch",
                      "the step's realised token count": "each micro-batch's realised token count",
                      "iter_grad_accum_global_norm, ": "", "iter_grad_accum_global_norm / get_loss_batch_info": "",
                      "OpenRLHF's aggregate_loss normaliser": "OpenRLHF's per-micro-batch masked_mean"}),

@@ -79,6 +79,24 @@ def test_require_version():
         require_version("surely-not-installed-lib", ">=1")
 
 
+def test_release_lines_joined_by_or_and_the_closest_one_named(monkeypatch):
+    import kl_patches.patching as patching
+    from kl_patches.patching import closest_supported, specifier_union, version_supported
+
+    supported = "==0.9.3 || >=0.11.0,<0.12"
+    assert len(specifier_union(supported)) == 2 and len(specifier_union(">=1,<2")) == 1
+    assert [v for v in ("0.9.2", "0.9.3", "0.10.4", "0.11.0", "0.11.9", "0.12.0") if version_supported(v, supported)] \
+        == ["0.9.3", "0.11.0", "0.11.9"]
+    assert closest_supported("0.9.10", supported) == "==0.9.3"
+    assert closest_supported("0.8.1", supported) == "==0.9.3"
+    assert closest_supported("0.10.0", supported) == ">=0.11.0,<0.12"  # a tie: the newer line
+    assert closest_supported("1.2.0", supported) == ">=0.11.0,<0.12"
+    monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.9.5")
+    with pytest.raises(PatchError, match=r"lib 0\.9\.5 is not supported .*the closest supported release is lib==0\.9\.3"):
+        require_version("lib", supported)
+    assert require_version("lib", ">=0.9,<1") == "0.9.5"
+
+
 class Demo(Integration):
     library = distribution = "pytest"
     supported = ">=1"

@@ -69,6 +69,9 @@ class KeepFloat64(torch.Tensor):
             return args[0]
         return super().__torch_function__(func, types, args, kwargs or {})
 
+    def __deepcopy__(self, memo):  # 0.9's compute_advantages_and_returns deep-copies the returns
+        return keep64(plain(self).__deepcopy__(memo))
+
 
 def keep64(tensor: Tensor) -> Tensor:
     return tensor.as_subclass(KeepFloat64)
