@@ -46,7 +46,8 @@ def version_supported(version: str, supported: str) -> bool:
 
 
 def _bounds(member: SpecifierSet) -> list[Version]:
-    return [Version(spec.version.replace(".*", "")) for spec in member if spec.operator in ("==", ">=", "<=", "~=", ">")]
+    return [Version(spec.version.replace(".*", "")) for spec in member
+            if spec.operator in ("==", ">=", "<=", "~=", ">")]
 
 
 def closest_supported(version: str, supported: str) -> str:
@@ -60,7 +61,8 @@ def closest_supported(version: str, supported: str) -> str:
         bounds = _bounds(SpecifierSet(part, prereleases=True)) or [Version("0")]
         near = min(tuple(abs(a - b) for a, b in zip(target, (v.release + (0, 0, 0))[:3])) for v in bounds)
         newest = max(bounds)
-        return (near[0], near[1] if near[0] == 0 else 0, -newest.release[0], -(newest.release + (0,))[1], near[2], -index)
+        return (near[0], near[1] if near[0] == 0 else 0, -newest.release[0], -(newest.release + (0,))[1], near[2],
+                -index)
 
     return min(enumerate(members), key=key)[1]
 

@@ -310,10 +310,10 @@ def _plan(argv: Sequence[str], *, strict: bool = True, environ=None) -> LaunchPl
             notes.append(f"k1-in-reward is exact on-policy only and {reason}; OpenRLHF's per-token PPO ratio does not "
                          f"correct the prefix distribution: use {MODE_FLAG} k1-rtg-loss")
         if not compat.flavour().loss_batch_info:
-            notes.append("k1-in-reward is not exact through this OpenRLHF release's step: its training_step divides "
-                         "each micro-batch's loss by that micro-batch's own token count (masked_mean), a ratio estimator "
-                         "over --train.micro_batch_size responses whatever the batch size (measured 0.39 at micro-batch "
-                         f"1); use {MODE_FLAG} k1-rtg-loss")
+            notes.append("k1-in-reward is not exact through this OpenRLHF release's step: its training_step "
+                         "divides each micro-batch's loss by that micro-batch's own token count (masked_mean), a "
+                         "ratio estimator over --train.micro_batch_size responses whatever the batch size (measured "
+                         f"0.39 at micro-batch 1); use {MODE_FLAG} k1-rtg-loss")
         notes.append("k1-in-reward takes the sampler to be the actor: a vLLM/actor numerics mismatch biases it "
                      f"(k1-rtg-loss with {CORRECTION_FLAG} token corrects it)")
     normalizer = mu_source = None

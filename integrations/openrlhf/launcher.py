@@ -107,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KLModeError("Ray is already initialised in this process: kl-patches-openrlhf must start it to "
                               "install the worker setup hook")
         ray.init(runtime_env=build_runtime_env(plan.mode, truncation=plan.truncation))
-        _say(f"{config.mode_flag()} {plan.mode} (from {plan.origin}): active in this process and in every Ray worker of "
-             f"this job; mu = {plan.mu_source or 'n/a'}")
+        _say(f"{config.mode_flag()} {plan.mode} (from {plan.origin}): active in this process and in every Ray worker "
+             f"of this job; mu = {plan.mu_source or 'n/a'}")
     run_openrlhf_main(plan.argv)
     return 0
 

@@ -1,6 +1,7 @@
 """The OpenRLHF patch targets: one replacement ``compute_approx_kl`` and a context-setting ``training_step``.
 
-OpenRLHF (0.11; 0.9.3 the same with flat flags, :mod:`.compat`) computes the KL in two places, both through ``openrlhf.models.utils.compute_approx_kl``:
+OpenRLHF (0.11; 0.9.3 the same with flat flags, :mod:`.compat`) computes the KL in two places, both through
+``openrlhf.models.utils.compute_approx_kl``:
 
 * the reward path (default): ``RemoteExperienceMaker.make_experience`` (in the ``PPOTrainer`` Ray actor) calls it
   under ``torch.no_grad`` with ``--algo.kl.estimator``; ``compute_reward`` turns it into per-token rewards and
@@ -271,8 +272,8 @@ def make_training_step(original):
     found = list(inspect.signature(original).parameters)
     if found[:len(expected)] != expected or (not row.loss_batch_info and "loss_batch_info" in found):
         raise PatchError(f"{LIBRARY_NAME} {integration.version}: expected {ACTOR_MODULE}.{TRAINER_CLASS}.training_step"
-                         f"({', '.join(expected)}), found ({', '.join(found)}); kl-patches cannot give its KL block the "
-                         f"experience")
+                         f"({', '.join(expected)}), found ({', '.join(found)}); kl-patches cannot give its KL block "
+                         f"the experience")
     if not row.loss_batch_info:
         def training_step_micro_batch(self, experience, kl_ctl, step, *args, **kwargs):
             # 0.9: the KL block divides by this micro-batch's own token count; the step index finds its loss scale

@@ -92,7 +92,8 @@ def test_release_lines_joined_by_or_and_the_closest_one_named(monkeypatch):
     assert closest_supported("0.10.0", supported) == ">=0.11.0,<0.12"  # a tie: the newer line
     assert closest_supported("1.2.0", supported) == ">=0.11.0,<0.12"
     monkeypatch.setattr(patching, "installed_version", lambda distribution: "0.9.5")
-    with pytest.raises(PatchError, match=r"lib 0\.9\.5 is not supported .*the closest supported release is lib==0\.9\.3"):
+    with pytest.raises(PatchError,
+                       match=r"lib 0\.9\.5 is not supported .*the closest supported release is lib==0\.9\.3"):
         require_version("lib", supported)
     assert require_version("lib", ">=0.9,<1") == "0.9.5"
 

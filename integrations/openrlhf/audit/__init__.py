@@ -162,7 +162,8 @@ def audit_step_cell(spec: PolicySpec, cell: StepCell, regime: str, *, notes: Seq
     return audit_record(
         problem, None, step_fn=ppo_step_fn(problem, args, cell.setup), num_groups=cell.groups, group_size=GROUP_SIZE,
         scale=step_scale(args, cell.mode, problem, rows), library=LIBRARY_NAME,
-        library_version=installed_version(LIBRARY_NAME) or "?", configuration=compat.to_flags(configuration or cell.configuration),
+        library_version=installed_version(LIBRARY_NAME) or "?",
+        configuration=compat.to_flags(configuration or cell.configuration),
         estimator=cell.estimator, placement=cell.placement,
         reason=compat.to_flags(reason or (cell.reason_on if regime == "on" else cell.reason_off)), mode=cell.mode,
         fix=compat.to_flags(fix if fix is not None else cell.fix or "") or None,

@@ -29,7 +29,8 @@ def test_k1_rtg_loss_turns_on_the_kl_loss_and_says_so():
 
 def test_k1_in_reward_notes_the_estimator_override_and_off_policy_training():
     plan = config.plan([*MODELS, *flags(["--algo.kl.mode", "k1-in-reward", "--algo.kl.estimator", "k3"])])
-    assert plan.argv == [*MODELS, *flags(["--algo.kl.estimator", "k3"])]  # OpenRLHF keeps its flags; the patch forces k1
+    # OpenRLHF keeps its flags; the patch forces k1
+    assert plan.argv == [*MODELS, *flags(["--algo.kl.estimator", "k3"])]
     assert any("k3 is overridden" in note for note in plan.notes)
     assert any("8 optimizer steps" in note and "k1-rtg-loss" in note for note in plan.notes)  # 1024 / 128
     assert any("whitens the advantages" in note for note in plan.notes)  # default estimator gae
