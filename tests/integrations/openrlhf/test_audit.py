@@ -19,9 +19,9 @@ flags, said = compat.translate_argv, compat.to_flags
 
 @pytest.fixture(scope="module")
 def timed_records():
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: on a shared CI machine the wall clock measures the neighbours
     records = oaudit.audit(PolicySpec())
-    return records, time.perf_counter() - start
+    return records, time.process_time() - start
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_the_unpatched_library_is_biased_everywhere(records):
 
 def test_check_stays_fast(timed_records):
     _, seconds = timed_records
-    assert seconds < 60, f"kl-patches check --library openrlhf took {seconds:.1f} s"
+    assert seconds < 60, f"kl-patches check --library openrlhf took {seconds:.1f} s of CPU"
 
 
 def test_user_command_lines_are_audited_through_the_step():

@@ -7,6 +7,7 @@ import torch
 from kl_patches.audit import expected_gradient, reference
 from kl_patches.integrations import openrlhf as adapter
 from kl_patches.integrations.openrlhf import audit as oaudit
+from kl_patches.integrations.openrlhf import compat
 
 CONFIGS = {
     "k1 reward, gae": ["--algo.advantage.estimator", "gae"],
@@ -76,6 +77,20 @@ def _expected(problem, loss):
     return expected_gradient(problem, loss, group_size=2).gradient
 
 
+def as_the_release_normalises(core_loss):
+    """The core reference under the installed release's loss normaliser for one training batch (a group): 0.11's
+    ``training_loss`` sets ``batch_num_tokens`` = the number of responses (the reference's per-response mean); 0.9's
+    ``training_step`` takes ``masked_mean`` over the batch's tokens, i.e. the reference x responses / tokens."""
+    if compat.flavour().loss_batch_info:
+        return core_loss
+
+    def loss(batch):
+        tokens = batch.mask.reshape(batch.num_groups, -1).sum(-1).to(batch.logp.dtype)
+        return core_loss(batch) * (batch.group_size / tokens)
+
+    return loss
+
+
 @pytest.mark.parametrize("regime", ["on", "off"])
 def test_k1_rtg_loss_matches_the_core_reference(regime, on_problem, off_problem):
     problem = on_problem if regime == "on" else off_problem
@@ -90,7 +105,7 @@ def test_k1_in_reward_matches_the_core_reference_on_policy(on_problem):
     args = oaudit.audit_args(["--algo.advantage.estimator", "rloo", "--algo.kl.estimator", "k3", *SAMPLES])
     adapter.enable("k1-in-reward")
     ours = _expected(on_problem, oaudit.per_group_loss(oaudit.openrlhf_loss(args)))
-    core = _expected(on_problem, reference.in_reward("k1", reward_to_go=True))
+    core = _expected(on_problem, as_the_release_normalises(reference.in_reward("k1", reward_to_go=True)))
     torch.testing.assert_close(ours, core, rtol=1e-12, atol=1e-14)
 
 
@@ -98,5 +113,5 @@ def test_unpatched_in_loss_k3_matches_the_core_reference_cell(on_problem):
     """OpenRLHF's own k3-in-loss is the core's "k3 in loss" cell: the audit measures the library, not a copy."""
     args = oaudit.audit_args([*CONFIGS["k3 loss, group_norm"], *SAMPLES])
     ours = _expected(on_problem, oaudit.per_group_loss(oaudit.openrlhf_loss(args)))
-    core = _expected(on_problem, reference.in_loss("k3"))
+    core = _expected(on_problem, as_the_release_normalises(reference.in_loss("k3")))
     torch.testing.assert_close(ours, core, rtol=1e-12, atol=1e-14)

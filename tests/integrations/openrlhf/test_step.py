@@ -8,6 +8,7 @@ from kl_patches.audit import PolicySpec, build_problem
 from kl_patches.audit.engine import step_batch
 from kl_patches.integrations import openrlhf as adapter
 from kl_patches.integrations.openrlhf import audit as oaudit
+from kl_patches.integrations.openrlhf import compat
 from kl_patches.integrations.openrlhf.audit import cells
 from kl_patches.integrations.openrlhf.kl import fixed_normalizer
 
@@ -103,7 +104,7 @@ def test_async_without_the_samplers_log_probs_is_refused_in_the_worker():
 
     problem, batch, args = batch_and_args(("--train.async_enable",))
     adapter.enable("k1-rtg-loss")
-    with pytest.raises(KLModeError, match="is_correction_level token"):
+    with pytest.raises(KLModeError, match=compat.to_flags("--algo.advantage.is_correction_level token")):
         oaudit.ppo_step(batch, args, problem.policy, oaudit.StepSetup(actor_log_probs="current"))
 
 
