@@ -273,6 +273,10 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"{row['library']:9} {installed:14} supported {row['supported']:14} {mode}")
         for target in row["targets"]:
             print(f"          patched: {target}")
+        for target in row.get("table", []):
+            modes = ", ".join(target["modes"]) if target["modes"] else "every mode"
+            print(f"          target:  {target['target']} ({modes})")
+            print(f"                   answers: {target['answers']}; remove when: {target['remove_when']}")
     print(f"KL_PATCHES_MODE: {rows[0]['environment'] or 'unset'}")
     return EXIT_OK
 

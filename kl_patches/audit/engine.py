@@ -98,14 +98,30 @@ class AuditBatch:
 LossFn = Callable[[AuditBatch], Tensor]
 
 
-def per_group(scalar_loss: Callable[[AuditBatch], Tensor]) -> LossFn:
+def per_group(scalar_loss: Callable[[AuditBatch], Tensor], *, order_invariant: bool = False) -> LossFn:
     """Turn a loss of one training batch (a scalar, e.g. a library's loss function) into the audit's
-    per-group form by calling it on each group separately."""
+    per-group form by calling it on each group separately.
+
+    ``order_invariant=True`` computes each *set* of responses once: the enumerated groups are ordered tuples, and
+    when the library's computation on a group is invariant to the order of its rows (normalisers, group statistics
+    over a uid, leave-one-out baselines, batch whitening), a group and its permutations give the same loss. The
+    adapter's tests must check this against the plain form."""
 
     def loss(batch: AuditBatch) -> Tensor:
         return torch.stack([scalar_loss(batch.group(g)).reshape(()) for g in range(batch.num_groups)])
 
-    return loss
+    def cached(batch: AuditBatch) -> Tensor:
+        cache: dict[tuple, Tensor] = {}
+        size = batch.group_size
+        out = []
+        for g in range(batch.num_groups):
+            key = tuple(sorted(batch.rows[g * size:(g + 1) * size].tolist()))
+            if key not in cache:
+                cache[key] = scalar_loss(batch.group(g)).reshape(())
+            out.append(cache[key])
+        return torch.stack(out)
+
+    return cached if order_invariant else loss
 
 
 def flat_grad(output: Tensor, parameters: list[Tensor], retain_graph: bool = False) -> Tensor:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from kl_patches import estimators, terms
+from kl_patches.audit.cells import Cell
 from kl_patches.audit.engine import AuditBatch, AuditProblem, build_problem, exact_kl_gradient
 from kl_patches.audit.policies import PolicySpec
 from kl_patches.audit.records import AuditRecord, audit_record
@@ -124,8 +125,7 @@ def token_only_ratio_rtg(batch: AuditBatch) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ReferenceCell:
-    configuration: str
+class ReferenceCell(Cell):
     estimator: str
     placement: str
     loss: Callable[[AuditBatch], Tensor]
@@ -228,8 +228,7 @@ STEP_VOCAB, STEP_HORIZON = 2, 3
 
 
 @dataclass(frozen=True)
-class StepCell:
-    configuration: str
+class StepCell(Cell):
     statistics: str  # "whole-batch" (group_statistics before the split) or "micro-batch" (inside each split)
     baseline: str
     normalizer: str  # "fixed" (sequences x max length) or "tokens" (the realised token count)
@@ -312,7 +311,7 @@ def run_steps(spec: PolicySpec, regimes: tuple[str, ...] = ("on", "off")) -> lis
                 library="core", library_version=kl_patches.__version__, configuration=cell.configuration,
                 estimator="k1", placement="loss", mode=cell.mode, truth=truth, fix=cell.fix,
                 scale=1.0 / (problem.tokens.shape[1] if fixed else mean_length),
-                reason=cell.reason_on if regime == "on" else cell.reason_off,
+                reason=cell.reason(regime == "on"),
                 micro_batch=STEP_MICRO_BATCH, order="sorted by length",
             ))
     return records
@@ -341,7 +340,7 @@ def run_reference(spec: PolicySpec, cells: tuple[ReferenceCell, ...] = CELLS,
                 problem, cell.loss, library="core", library_version=kl_patches.__version__,
                 configuration=cell.configuration, estimator=cell.estimator, placement=cell.placement,
                 mode=cell.mode, group_size=cell.group_size, truth=truth, fix=cell.fix,
-                reason=cell.reason_on if regime == "on" else cell.reason_off,
+                reason=cell.reason(regime == "on"),
             ))
     if steps:
         records.extend(run_steps(spec, regimes))
