@@ -106,7 +106,7 @@ def run_check(args: argparse.Namespace, extra: Sequence[str]) -> tuple[list, lis
         try:
             adapter = importlib.import_module(f"kl_patches.integrations.{library}.audit")
             records.extend(adapter.audit(spec, config=args.config, args=list(extra)))
-        except Exception as err:  # the audit must say why a library could not be audited, not crash
+        except Exception as err:  # noqa: BLE001 - the audit must say why a library could not be audited, not crash
             errors.append(f"could not audit {library}: {type(err).__name__}: {err}")
     return records, errors
 

@@ -87,7 +87,8 @@ class Patch:
 
     @property
     def target(self) -> str:
-        return f"{getattr(self.owner, '__module__', '')}.{getattr(self.owner, '__qualname__', getattr(self.owner, '__name__', self.owner))}.{self.attribute}".lstrip(".")
+        name = getattr(self.owner, "__qualname__", getattr(self.owner, "__name__", self.owner))
+        return f"{getattr(self.owner, '__module__', '')}.{name}.{self.attribute}".lstrip(".")
 
     @property
     def applied(self) -> bool:
@@ -252,6 +253,11 @@ def describe_target(patch: Any) -> str:
     return repr(patch)
 
 
+def _returns(replacement: Any) -> Factory:
+    """A factory that installs an object built in advance (so a :class:`Rebind` can point copies at it)."""
+    return lambda _original: replacement
+
+
 #: Every adapter's Integration, in creation order (an adapter creates its own when it is imported).
 INTEGRATIONS: list["Integration"] = []
 
@@ -325,7 +331,7 @@ class Integration:
             if original is None:
                 raise PatchError(f"{self.library} {self.version}: expected {target.path}; it is missing")
             replacement = factory(original)  # one object: the patch installs it, the rebind points copies at it
-            patches.append(Patch(owner, target.attribute, lambda _original: replacement, self.library))
+            patches.append(Patch(owner, target.attribute, _returns(replacement), self.library))
             patches.append(Rebind(target.rebind, original, replacement))
         return patches
 

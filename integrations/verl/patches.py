@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, TypeAlias
 
 import torch
 
 from kl_patches.audit.policies import EnumerablePolicy, PolicySpec, build_policy, enumerate_responses
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 #: Relative error below which a cell is "exact": float64 rounding over a few thousand terms is ~1e-14;
 #: every biased cell of the taxonomy is above 1e-3 on the default policies.
@@ -174,6 +174,7 @@ def enumerated_logprobs(problem: AuditProblem) -> tuple[Tensor, Tensor, Tensor, 
     with torch.no_grad():
         ref_logp = problem.reference.token_logprobs(problem.tokens, problem.mask)
         sampler = problem.policy if problem.on_policy else problem.behaviour
+        assert sampler is not None  # an off-policy problem carries its behaviour policy
         behaviour_logp = sampler.token_logprobs(problem.tokens, problem.mask)
     return logp, ref_logp, behaviour_logp, behaviour_logp.sum(dim=-1).exp()
 
@@ -256,8 +257,10 @@ def step_batch(problem: AuditProblem, rows: Tensor, group_size: int,
     if detached is None:
         with torch.no_grad():
             ref_logp = problem.reference.token_logprobs(tokens, mask)
+            behaviour = problem.behaviour
+            assert problem.on_policy or behaviour is not None  # an off-policy problem carries its behaviour policy
             behaviour_logp = (logp.detach() if problem.on_policy
-                              else problem.behaviour.token_logprobs(tokens, mask))
+                              else behaviour.token_logprobs(tokens, mask))  # type: ignore[union-attr]
     else:
         ref_logp = detached[0][rows]
         behaviour_logp = logp.detach() if problem.on_policy else detached[1][rows]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeAlias
 
 import torch
 
@@ -22,7 +22,7 @@ from kl_patches.audit.policies import PolicySpec
 from kl_patches.audit.records import AuditRecord, audit_record
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 TRUNCATION = 1.0  # the truncation level audited for the truncated k1-rtg-loss cell
 
@@ -174,7 +174,8 @@ CELLS: tuple[ReferenceCell, ...] = (
                   "the full gradient of E[sum k3] = grad KL_seq: exact (higher variance).",
                   "the reward part is reweighted per token only and the loss part not at all: biased off-policy."),
     ReferenceCell("k1 in reward, seq-mean-token-mean", "k1", "reward", in_reward("k1", per_sequence_mean=True),
-                  "weights response i by 1/|y_i|: the gradient of a length-weighted objective, biased once lengths differ.",
+                  "weights response i by 1/|y_i|: the gradient of a length-weighted objective, "
+                  "biased once lengths differ.",
                   "length-weighted and reweighted per token only.",
                   fix="a batch-constant normaliser (token sum / sequence mean), or kl-patches k1-rtg-loss"),
     ReferenceCell("k3 in loss, seq-mean-token-mean", "k3", "loss", in_loss("k3", per_sequence_mean=True),

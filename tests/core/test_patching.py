@@ -72,7 +72,7 @@ def test_rebind_copies_imported_by_name_and_revert():
 
 
 def test_require_version():
-    assert require_version("pytest", ">=1") 
+    assert require_version("pytest", ">=1")
     with pytest.raises(PatchError, match=r"pytest .* is not supported by kl-patches \(supported: pytest<1\)"):
         require_version("pytest", "<1")
     with pytest.raises(PatchError, match="not installed"):
