@@ -114,7 +114,7 @@ def _loss_record(problem, truth, cell: Cell, notes: list[str]) -> AuditRecord:
     record = audit_record(
         problem, loss, library=LIBRARY_NAME, library_version=installed_version(LIBRARY_NAME) or "?",
         configuration=cell.configuration, estimator=cell.estimator, placement=cell.placement,
-        reason=cell.reason_on if problem.on_policy else cell.reason_off, mode=cell.mode, group_size=GROUP_SIZE,
+        reason=cell.reason(problem.on_policy), mode=cell.mode, group_size=GROUP_SIZE,
         truth=truth, fix=cell.fix, notes=list(notes), argv=list(cell.argv))
     if record.verdict == "exact":  # only a step audit may certify a configuration
         record.verdict, record.fix = NOT_COVERED, None
@@ -165,7 +165,7 @@ def audit_step_cell(spec: PolicySpec, cell: StepCell, regime: str, *, notes: Seq
         library_version=installed_version(LIBRARY_NAME) or "?",
         configuration=compat.to_flags(configuration or cell.configuration),
         estimator=cell.estimator, placement=cell.placement,
-        reason=compat.to_flags(reason or (cell.reason_on if regime == "on" else cell.reason_off)), mode=cell.mode,
+        reason=compat.to_flags(reason or cell.reason(regime == "on")), mode=cell.mode,
         fix=compat.to_flags(fix if fix is not None else cell.fix or "") or None,
         notes=[compat.to_flags(note) for note in (*STEP_NOTES, *notes)], user_config=user_config,
         argv=list(cell.argv if argv is None else argv), setup={"ranks": cell.setup.ranks,

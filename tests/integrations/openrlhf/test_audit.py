@@ -10,9 +10,10 @@ from kl_patches.integrations.openrlhf import compat
 from kl_patches.integrations.openrlhf.placeholders import active_placeholders
 from kl_patches.modes import KLModeError
 from kl_patches.patching import installed_version
+from kl_patches.audit.tolerances import EXACT_TOLERANCE
 
 #: An enumerated step audit is exact at float64 rounding over a few hundred batches (the engine's own threshold).
-EXACT = 1e-10
+EXACT = EXACT_TOLERANCE
 # Flags are written as 0.11 spells them; flags() / said() give the installed release's spelling (0.9.3: flat flags).
 flags, said = compat.translate_argv, compat.to_flags
 
