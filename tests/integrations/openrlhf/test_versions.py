@@ -76,7 +76,7 @@ def test_the_nested_view_reads_and_writes_the_flat_namespace():
     view.train.batch_size = 4
     assert flat.train_batch_size == 4 and compat.flat(view) is flat
     with pytest.raises(AttributeError):
-        view.algo.kl.not_an_option
+        _ = view.algo.kl.not_an_option
     assert getattr(view.train, "not_an_option", "default") == "default"
     clone = copy.deepcopy(view)
     clone.train.batch_size = 2
