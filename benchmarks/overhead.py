@@ -492,6 +492,31 @@ def trl_step(trainer, prompts) -> tuple[float, float]:
     return scored - started, done - scored
 
 
+def step_work(step) -> dict:
+    """The work one step does, counted, not timed (no noise): ``flops`` of its matrix products and attention
+    (torch.utils.flop_counter, forward and backward), ``ops`` = aten operators dispatched and ``elements`` = tensor
+    elements they wrote (the proxy for the memory-bound elementwise work a KL term adds)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = self.elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops += 1
+            self.elements += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with FlopCounterMode(display=False) as flops, Counter() as counter:
+        step()
+    return {"flops": flops.get_total_flops(), "ops": counter.ops, "elements": counter.elements}
+
+
 def trl_peak_rss_probe(variant: str, length: int, batch: int) -> dict:
     """Run in a fresh subprocess: peak RSS of one TRL step (scoring + loss + backward) above the RSS before it."""
     import gc
@@ -517,7 +542,7 @@ def trl_peak_rss_probe(variant: str, length: int, batch: int) -> dict:
         return {"peak_kib": _status_kib("VmHWM") - before}
 
 
-def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None) -> None:
+def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, grid=None) -> None:
     """TRL's real step, patched versus unpatched: ``_generate_and_score_completions`` (TRL's scoring of a fixed
     generation batch: rewards, advantages, reference log-probs; k1-in-reward adds one no-grad policy forward per
     generation batch for the whole-batch sequence KL, k1-rtg-loss adds nothing) and ``compute_loss`` + backward,
@@ -536,6 +561,8 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None) ->
 
     if quick:
         grid = [(GROUP, 32)]
+    elif grid:
+        grid = list(grid)
     elif lengths or batches:
         grid = [(b, t) for b in (batches or sorted({b for b, _ in TRL_GRID}))
                 for t in (lengths or sorted({t for _, t in TRL_GRID}))]
@@ -563,6 +590,7 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None) ->
                     score, loss = trl_step(trainers[name], prompts)
                     times[(name, "score")].append(score)
                     times[(name, "loss")].append(loss)
+            work = {name: step_work(lambda: trl_step(trainers[name], prompts)) for name in names}
             del trainers
         peaks = {}
         if length == max(lengths) and not quick:
@@ -588,6 +616,13 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None) ->
                           x_name="response length", x=length, config=config)
             add_ratio_rows(rows, [a / b for a, b in zip(total, base)], **common)
             rows.add(metric="time", unit="ms", values=[1e3 * v for v in total], **common)
+            for metric in ("flops", "ops", "elements"):  # counted: deterministic, no noise floor
+                rows.add(what="work-trl-step" + suffix, library="trl", configuration=name, metric=metric,
+                         unit="count", values=work[name][metric], x_name="response length", x=length, config=config)
+                rows.add(what="work-trl-step" + suffix, library="trl", configuration=name,
+                         metric=f"{metric}_ratio_vs_unpatched", unit="ratio",
+                         values=work[name][metric] / max(work["unpatched"][metric], 1), x_name="response length",
+                         x=length, config=config)
             peak = peaks.get(name)
             if peak:
                 rows.add(metric="peak_rss", unit="bytes", values=peak, **common)
@@ -615,7 +650,7 @@ def measure_trl_peak_rss(variant: str, length: int, batch: int, repeats: int) ->
     return values
 
 
-def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None, batches=None) -> None:
+def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None, batches=None, grid=None) -> None:
     """Each pair (the library's default KL, the kl-patches mode replacing it) timed interleaved through the
     library's own loss code (``_libraries``), with the patch state each path needs."""
     import contextlib
@@ -627,7 +662,7 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
     import random
 
     if library == "trl":
-        return trl_overhead(rows, quick, lengths, batches)
+        return trl_overhead(rows, quick, lengths, batches, grid)
     if library not in LIBRARY_PAIRS:
         raise LookupError(f"no overhead pairs for {library}")
     torch.set_num_threads(THREADS)
@@ -764,7 +799,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", metavar="B",
                         help="TRL batch sizes (multiples of its group of 8); with --lengths, their product "
                         "replaces TRL's default grid (8 x 128/512/2048, 64 x 128/512)")
+    parser.add_argument("--grid", nargs="+", metavar="B:T",
+                        help="TRL (batch, response length) points, e.g. 8:128 64:512 (default: 8 x 128/512/2048, "
+                        "64 x 128/512)")
     args = parser.parse_args(argv)
+    grid = [tuple(int(v) for v in point.split(":")) for point in args.grid] if args.grid else None
     coverage, adapters = _common.resolve_coverage(args.libraries)
     rows = _common.Rows(SCRIPT, args.out)
     if not args.plot_only:
@@ -775,7 +814,8 @@ def main(argv=None) -> int:
                     core_overhead(rows, args.quick, lengths=args.lengths)
                     gpu_overhead(rows, args.quick, lengths=args.lengths)
                 else:
-                    library_overhead(rows, library, args.quick, lengths=args.lengths, batches=args.batches)
+                    library_overhead(rows, library, args.quick, lengths=args.lengths, batches=args.batches,
+                                     grid=grid)
                 check_time(rows, library, args.quick)
             except Exception as err:  # noqa: BLE001 - reported as skipped, never silently
                 coverage.skip(library, f"{type(err).__name__}: {err}")

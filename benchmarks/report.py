@@ -389,6 +389,9 @@ def overhead_claims(rows: list[dict]) -> str:
                          f"{'+' if max(m[1] for m in memory) >= 0 else '−'}{kib(abs(max(m[1] for m in memory)))}; "
                          f"target ≤ 1.01: {'met' if worst[0] <= 1.01 else 'not met'})")
             claims.append(text + ".")
+    for library in ordered(r["library"] for r in rows if r["what"].startswith("work-")):
+        claims.append(f"{library}, the work of one step counted (deterministic, no noise floor; ranges over the "
+                      f"grid): {work_summary(rows, library)}. A mode that adds no forward has FLOPs 1.0000×.")
     gpu = [r for r in rows if r["what"].startswith("overhead-gpu-")]
     if not gpu:
         claims.append("GPU path: not measured here (no CUDA device on the machine that produced these CSVs; "
@@ -928,7 +931,28 @@ def cost_summary(rows: list[dict]) -> list[str]:
         batches = sorted({json.loads(r["config"]).get("batch") for r in mine})
         lines.append(f"* {title}: {', '.join(parts)} ({floor}; lengths {xs[0]}–{xs[-1]}, batch "
                      f"{'/'.join(str(b) for b in batches)})")
+        work = work_summary(rows, library)
+        if work:
+            lines.append(f"  counted, not timed (no noise): {work}")
     return lines
+
+
+def work_summary(rows: list[dict], library: str) -> str:
+    """Per mode, the range over the grid of its counted work relative to the unpatched step: FLOPs, tensor
+    elements written, aten operators dispatched (``work-*`` rows of benchmarks/overhead.py)."""
+    parts = []
+    for mode in ("k1-rtg-loss", "k1-in-reward"):
+        numbers = []
+        for metric, name in (("flops", "FLOPs"), ("elements", "elements written"), ("ops", "aten ops")):
+            values = [med(r) for r in rows if r["library"] == library and r["what"].startswith("work-")
+                      and r["configuration"] == mode and r["metric"] == f"{metric}_ratio_vs_unpatched"]
+            if values:
+                low, high = min(values), max(values)
+                numbers.append(f"{name} {low:.4f}×" if f"{low:.4f}" == f"{high:.4f}"
+                               else f"{name} {low:.4f}–{high:.4f}×")
+        if numbers:
+            parts.append(f"{mode} {', '.join(numbers)}")
+    return "; ".join(parts)
 
 
 def readme_summary(out: Path) -> str:
@@ -942,7 +966,7 @@ def readme_summary(out: Path) -> str:
     if (out / README_IMAGE).exists() or (_common.RESULTS / README_IMAGE).exists():
         lines += [f"![kl-patches check --library core: the relative error of each configuration's expected KL "
                   f"gradient, on- and off-policy, over a grid of policies]({IMAGES}/{README_IMAGE})", ""]
-    cost = cost_summary([r for r in every if r["what"].startswith("overhead-")])
+    cost = cost_summary([r for r in every if r["what"].startswith(("overhead-", "work-"))])
     if cost:
         lines += ["Cost, patched / unpatched time of one step, median over interleaved repetitions in random order "
                   "(CPU; [details](docs/results.md#3-overhead-benchmarksoverheadpy)):", "", *cost, ""]
