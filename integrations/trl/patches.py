@@ -71,6 +71,12 @@ class TRLIntegration(Integration):
     distribution = "trl"
     supported = SUPPORTED
 
+    def check_version(self) -> str:
+        """The installed TRL's version when a supported line covers it; else PatchError naming the closest one."""
+        from kl_patches.integrations.trl import compat
+
+        return compat.require()
+
     def build_patches(self, mode: str) -> list[Patch | DeferredPatch]:
         import importlib
 
