@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["core", "trl", "trl-0.24", "verl", "openrlhf"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -36,10 +36,11 @@ def core(session: nox.Session) -> None:
     session.run("pytest", "tests/core", "tests/benchmarks", *session.posargs)
 
 
-def library_session(session: nox.Session, library: str) -> None:
+def library_session(session: nox.Session, library: str, recipe: str | None = None) -> None:
     install_torch(session)
-    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included).
-    session.run("bash", f"ci/install-{library}.sh", external=True)
+    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included); an older
+    # supported line has its own (ci/install-trl-0.24.sh) and runs the same tests against that version.
+    session.run("bash", f"ci/install-{recipe or library}.sh", external=True)
     session.install(*CONSTRAINTS, ".[test]")
     session.run("pytest", f"tests/integrations/{library}", *session.posargs)
 
@@ -47,6 +48,12 @@ def library_session(session: nox.Session, library: str) -> None:
 @nox.session(python=PYTHON)
 def trl(session: nox.Session) -> None:
     library_session(session, "trl")
+
+
+@nox.session(python=PYTHON, name="trl-0.24")
+def trl_0_24(session: nox.Session) -> None:
+    """TRL 0.24.0, the newest release Unsloth and LLaMA-Factory allow (trl<=0.24.0): the same tests."""
+    library_session(session, "trl", recipe="trl-0.24")
 
 
 @nox.session(python=PYTHON)

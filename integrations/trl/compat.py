@@ -44,17 +44,23 @@ class Line:
     logps_values: int  # values _get_per_token_logps_and_entropies returns
     sampling_logps_in_batch: bool  # vLLM's sampling log-probs are in the generation batch
     generate_returns: str  # what _generate_single_turn returns: "completions" or "prompt-completions"
+    fused_logps: bool  # log-probs through TRL's fused LM-head kernel (1.15 needs Triton for it; 1.16 has a CPU path)
 
 
 LINES = (
     Line("0.24.0", SUPPORTED_LINES[0], loss_types=("grpo", "bnpo", "dr_grpo", "dapo"), bias_correction_kl=False,
          dapo_window=False, eval_divides_by_accumulation=True, logps_values=2, sampling_logps_in_batch=False,
-         generate_returns="prompt-completions"),
+         generate_returns="prompt-completions", fused_logps=False),
     Line("1.16.0", SUPPORTED_LINES[1], loss_types=("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo",
                                                    "luspo"),
          bias_correction_kl=True, dapo_window=True, eval_divides_by_accumulation=False, logps_values=3,
-         sampling_logps_in_batch=True, generate_returns="completions"),
+         sampling_logps_in_batch=True, generate_returns="completions", fused_logps=True),
 )
+
+
+def installed_loss_types(*candidates: str) -> tuple[str, ...]:
+    """``candidates`` that the installed TRL line has (tests parametrise over the installed version with it)."""
+    return tuple(loss_type for loss_type in candidates if loss_type in current().loss_types)
 
 
 def _key(version: Version) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ import kl_patches.integrations.trl as adapter
 from kl_patches.audit import PolicySpec
 from kl_patches.integrations.trl import config as trl_config
 from kl_patches.integrations.trl.audit import build_tiny_trainer, trl_loss
+from kl_patches.integrations.trl.compat import installed_loss_types
 from kl_patches.patching import PatchError
 
 ROWS = (0, 4, 7, 14)
@@ -18,13 +19,13 @@ def run(tiny):
     return trl_loss(tiny, tiny.problem.tokens[index], tiny.problem.mask[index])
 
 
-@pytest.mark.parametrize("settings, match", [
+@pytest.mark.parametrize("settings, match", [(settings, match) for settings, match in [
     ({"num_iterations": 2}, "num_iterations=2"),
     ({"steps_per_generation": 2}, "steps_per_generation=2"),
     ({"loss_type": "cispo"}, "epsilon_high=0.2"),
     ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
     ({"loss_type": "vespo"}, "loss_type=vespo"),
-])
+] if settings.get("loss_type", "dapo") in installed_loss_types(settings.get("loss_type", "dapo"))])
 def test_k1_in_reward_refuses_what_it_cannot_make_exact(reward, settings, match):
     tiny = build_tiny_trainer(PolicySpec(), kl_mode="k1-in-reward", beta=0.04, reward_funcs=reward, **settings)
     with pytest.raises(PatchError, match=f"(?s){match}.*Fix: kl_mode: k1-rtg-loss"):
@@ -37,8 +38,8 @@ def test_k1_in_reward_refuses_an_emulated_vllm_sampler(reward):
         run(tiny)
 
 
-@pytest.mark.parametrize("settings", [{"num_iterations": 2}, {"loss_type": "cispo"}, {"top_entropy_quantile": 0.5},
-                                      {"top_k": 3}])
+@pytest.mark.parametrize("settings", [{"num_iterations": 2}, {"top_entropy_quantile": 0.5}, {"top_k": 3}]
+                         + [{"loss_type": loss_type} for loss_type in installed_loss_types("cispo")])
 def test_k1_rtg_loss_accepts_them(reward, settings):
     """The k1-rtg-loss term stays outside TRL's clamps and masks; top_k = vocabulary truncates nothing."""
     tiny = build_tiny_trainer(PolicySpec(), kl_mode="k1-rtg-loss", beta=0.04, reward_funcs=reward,
