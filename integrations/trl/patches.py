@@ -80,11 +80,9 @@ class TRLIntegration(Integration):
     def build_patches(self, mode: str) -> list[Patch | DeferredPatch]:
         import importlib
 
-        if mode != "library" and trl_config.unsloth_installed():
-            raise PatchError(
-                f"trl {kl.trl_version()}: Unsloth is installed in this environment; it replaces GRPOTrainer's loss "
-                f"with its own compiled copy, which kl-patches mode {mode!r} cannot reach (kl-patches issue 14). "
-                f"Run without Unsloth, or use kl_mode='library'.")
+        presence = trl_config.unsloth_presence() if mode != "library" else None
+        if presence:
+            raise PatchError(f"trl {kl.trl_version()}: " + trl_config.unsloth_message(mode, presence))
         patches = []
         for target in TARGETS:
             owner = getattr(importlib.import_module(target.module), target.owner)

@@ -111,15 +111,48 @@ def test_unsloth_installed_is_refused_naming_it(tmp_path, monkeypatch, reward):
     (tmp_path / "unsloth").mkdir()
     (tmp_path / "unsloth" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert trl_config.unsloth_installed()
-    with pytest.raises(PatchError, match="Unsloth is installed"):
+    assert trl_config.unsloth_presence() == "unsloth is installed"
+    with pytest.raises(PatchError, match="unsloth is installed.*Unsloth replaces TRL's GRPOTrainer.*grpo_compute_loss"
+                                         ".*check --library unsloth.*Fix: train with TRL's GRPOTrainer"):
         adapter.enable("k1-rtg-loss")
     assert adapter.enabled_mode() is None
     assert adapter.enable("library") is True  # library mode touches no loss: allowed
     adapter.disable()
     tiny = build_tiny_trainer(PolicySpec(), kl_mode="k1-rtg-loss", beta=0.04, reward_funcs=reward)
-    with pytest.raises(PatchError, match="Unsloth installed.*replaces GRPOTrainer's loss"):
+    with pytest.raises(PatchError, match=r"(?s)Unsloth \(unsloth is installed\).*UnslothGRPOTrainer.*Fix: train with"):
         run(tiny)
+
+
+@pytest.mark.parametrize("name", ["unsloth", "unsloth_zoo"])
+def test_unsloth_already_imported_is_refused_even_without_a_package_spec(monkeypatch, reward, name):
+    """A module in sys.modules with no spec (a stub, a vendored copy) makes importlib's find_spec raise: it must
+    still count as Unsloth, or a mode would silently leave Unsloth's k3 in place."""
+    import types
+
+    monkeypatch.setitem(__import__("sys").modules, name, types.ModuleType(name))
+    assert trl_config.unsloth_presence() == f"{name} is imported"
+    with pytest.raises(PatchError, match=f"{name} is imported.*Unsloth replaces"):
+        adapter.enable("k1-in-reward")
+    assert adapter.enabled_mode() is None
+    for mode in ("k1-rtg-loss", "k1-in-reward"):
+        tiny = build_tiny_trainer(PolicySpec(), kl_mode=mode, beta=0.04, reward_funcs=reward)
+        with pytest.raises(PatchError, match=f"Unsloth \\({name} is imported\\)"):
+            run(tiny)
+
+
+def test_a_trainer_generated_by_unsloth_is_refused_by_name(monkeypatch, reward):
+    """Unsloth's generated trainer (a GRPOTrainer copy in unsloth_compiled_cache) is refused at its first batch even
+    when Unsloth itself is not importable any more."""
+    import trl
+
+    monkeypatch.setattr(trl_config, "unsloth_presence", lambda: None)
+    generated = type("UnslothGRPOTrainer", (trl.GRPOTrainer,), {"__module__": "unsloth_compiled_cache.UnslothGRPO"})
+    adapter.enable("k1-rtg-loss")
+    tiny = build_tiny_trainer(PolicySpec(), trainer_class=generated, beta=0.04, reward_funcs=reward)
+    with pytest.raises(PatchError, match="the trainer is Unsloth's unsloth_compiled_cache.UnslothGRPO.UnslothGRPOTrainer"):
+        run(tiny)
+    adapter.disable()
+    assert torch.isfinite(run(tiny))  # unpatched, Unsloth's trainer runs as Unsloth ships it
 
 
 def test_rloo_under_a_mode_says_once_that_it_is_not_patched(caplog):
