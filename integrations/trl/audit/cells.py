@@ -34,7 +34,7 @@ from kl_patches.integrations.trl import compat, kl
 from kl_patches.integrations.trl import config as trl_config
 from kl_patches.integrations.trl.audit.harness import (
     AUDIT_BETA,
-    FLOAT64_NOTE,
+    float64_note,
     GROUP_SIZE,
     LIBRARY_NAME,
     MODEL_NOTE,
@@ -301,7 +301,7 @@ def audit_cell(spec: PolicySpec, cell: Cell, regime: str, *, truth_cache: dict |
                                   **regime_build(regime), **({} if config is not None else settings))
     trainer = tiny.trainer
     args = trainer.args
-    notes = [FLOAT64_NOTE, ZERO_REWARD_NOTE, MODEL_NOTE]
+    notes = [float64_note(), ZERO_REWARD_NOTE, MODEL_NOTE]
     refused = []
     if cell.mode != LIBRARY:
         refused = trl_config.refusals(args, cell.mode, vocab_size=spec.vocab, use_vllm=bool(trainer.use_vllm),

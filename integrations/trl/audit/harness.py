@@ -21,6 +21,7 @@ log-probs are the ones vLLM reports (sampler != trainer), else the sampler is th
 
 Numerical stand-in, stated on every record: TRL 1.16 computes log-probs with a fused LM-head kernel in float32;
 the audit model's fused forward returns the same fields in float64, so exactness is judged at float64 rounding.
+TRL 0.24 takes log-probs from the model's own logits (float64 here): no stand-in.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ GROUP_SIZE = 2  # TRL needs num_generations >= 2; groups of 2 are enumerated exa
 
 FLOAT64_NOTE = ("TRL's fused LM head computes log-probs in float32; the audit model's fused forward returns "
                 "the same fields in float64 so exactness is judged at float64 rounding")
+FLOAT64_NOTE_0_24 = ("TRL 0.24 computes log-probs from the model's own logits (selective_log_softmax); the audit "
+                     "model is float64 end to end, so exactness is judged at float64 rounding")
+
+
+def float64_note() -> str:
+    return FLOAT64_NOTE if compat.current().fused_logps else FLOAT64_NOTE_0_24
+
+
 MODEL_NOTE = "spec.kind is not used: the policy is TRL's model, a tiny GPT-2 built from a config"
 NUM_ITEMS_NOTE = ("num_items_in_batch fixed per group at group_size x mean enumerated length (its large-batch "
                   "value; with a 2-response batch it would make the dapo normaliser a ratio)")
