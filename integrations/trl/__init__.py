@@ -1,5 +1,5 @@
-"""kl-patches for TRL (``trl`` 0.24.x and 1.15-1.16): the exact gradient of beta * KL(pi || pi_ref) over whole responses in
-``GRPOTrainer``. Three ways in, all reversible:
+"""kl-patches for TRL (``trl`` 0.24.x and 1.15-1.16): the exact gradient of beta * KL(pi || pi_ref) over whole
+responses in ``GRPOTrainer``. Three ways in, all reversible:
 
 * ``from kl_patches.integrations.trl import GRPOConfig, GRPOTrainer``: drop-in subclasses; ``GRPOConfig`` gains
   ``kl_mode`` (``library``, ``k1-in-reward``, ``k1-rtg-loss`` -- the default, exact on- and off-policy),

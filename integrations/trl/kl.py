@@ -225,7 +225,8 @@ def gather_padded(trainer, tensor: Tensor) -> Tensor:
 def capture_sampling_logps(trainer, captured: dict):
     """TRL 0.24 keeps only the clamped vLLM ratio in the batch, not vLLM's per-token sampling log-probs (mu): keep
     them as ``_generate`` returns them while TRL scores the batch. A no-op on lines that keep them (1.15+)."""
-    if compat.current().sampling_logps_in_batch or not (trainer.use_vllm and trainer.vllm_importance_sampling_correction):
+    corrected = trainer.use_vllm and trainer.vllm_importance_sampling_correction
+    if compat.current().sampling_logps_in_batch or not corrected:
         yield
         return
     name = "_generate"

@@ -22,6 +22,7 @@ from kl_patches.audit import AuditRecord, PolicySpec
 from kl_patches.audit.engine import build_problem, exact_kl_gradient, per_group
 from kl_patches.audit.records import NOT_COVERED, audit_record
 from kl_patches.modes import ENV_VAR, K1_RTG_LOSS, LIBRARY
+from kl_patches.integrations.unsloth import AUDITED
 from kl_patches.patching import PatchError, installed_version
 
 LIBRARY_NAME = "unsloth"
@@ -40,9 +41,9 @@ CELLS = (
     (f"loss_type=bnpo, beta={BETA}", {"loss_type": "bnpo"}),
     (f"loss_type=dapo, beta={BETA} (Unsloth's default dapo has beta=0: no KL)", {"loss_type": "dapo"}),
     (f"loss_type=dr_grpo, beta={BETA}", {"loss_type": "dr_grpo"}),
-    (f"loss_type=dapo, use_bias_correction_kl=True (TRL 1.x's default, forwarded)",
+    ("loss_type=dapo, use_bias_correction_kl=True (TRL 1.x's default, forwarded)",
      {"loss_type": "dapo", "use_bias_correction_kl": True}),
-    (f"loss_type=dapo, importance_sampling_level=sequence, use_bias_correction_kl=True",
+    ("loss_type=dapo, importance_sampling_level=sequence, use_bias_correction_kl=True",
      {"loss_type": "dapo", "use_bias_correction_kl": True, "importance_sampling_level": "sequence"}),
 )
 
@@ -59,7 +60,7 @@ def load_loss():
     loss = getattr(rl_replacements, "grpo_compute_loss", None)
     if loss is None:
         raise PatchError(f"unsloth_zoo {installed_version('unsloth_zoo')}: rl_replacements.grpo_compute_loss not "
-                         f"found; kl-patches knows it from unsloth_zoo {__import__('kl_patches.integrations.unsloth', fromlist=['AUDITED']).AUDITED}")
+                         f"found; kl-patches knows it from unsloth_zoo {AUDITED}")
     return loss
 
 
