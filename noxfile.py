@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "core", "trl", "verl", "openrlhf", "openrlhf-0.9"]
+nox.options.sessions = ["lint", "core", "trl", "trl-0.24", "verl", "openrlhf", "openrlhf-0.9"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -49,7 +49,7 @@ def core(session: nox.Session) -> None:
 def library_session(session: nox.Session, library: str, *install_args: str) -> None:
     install_torch(session)
     # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included); install_args
-    # choose the release for the sessions of older releases (e.g. openrlhf-0.9).
+    # choose the release for the sessions of older release lines (trl-0.24, openrlhf-0.9, ...).
     session.run("bash", f"ci/install-{library}.sh", *install_args, external=True)
     session.install(*CONSTRAINTS, ".[test]")
     session.run("pytest", f"tests/integrations/{library}", *session.posargs)
@@ -58,6 +58,12 @@ def library_session(session: nox.Session, library: str, *install_args: str) -> N
 @nox.session(python=PYTHON)
 def trl(session: nox.Session) -> None:
     library_session(session, "trl")
+
+
+@nox.session(python=PYTHON, name="trl-0.24")
+def trl_0_24(session: nox.Session) -> None:
+    """TRL 0.24.0, the newest release Unsloth and LLaMA-Factory allow (trl<=0.24.0): the same tests."""
+    library_session(session, "trl", "0.24.0")
 
 
 @nox.session(python=PYTHON)

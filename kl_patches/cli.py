@@ -43,8 +43,12 @@ AFTER_DASHES = ("Arguments after -- describe your own configuration: hydra overr
                 "(--algo.kl.use_loss --algo.kl.estimator k3 ...), TRL command-line flags for TRL (--beta 0.04 ...).")
 
 
+#: Libraries kl-patches audits but does not patch (``kl-patches check --library unsloth``).
+AUDIT_ONLY = ("unsloth",)
+
+
 def installed_libraries() -> list[str]:
-    return [library for library in LIBRARIES if importlib.util.find_spec(library) is not None]
+    return [library for library in (*LIBRARIES, *AUDIT_ONLY) if importlib.util.find_spec(library) is not None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             "responses.", 100) + "\n\n" + textwrap.fill(AFTER_DASHES, 100),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("--library", default="all", choices=("all", "core", *LIBRARIES),
+    check.add_argument("--library", default="all", choices=("all", "core", *LIBRARIES, *AUDIT_ONLY),
                        help="'core' = the reference taxonomy in plain torch; 'all' (default) = core plus every "
                        "installed library")
     check.add_argument("--config", metavar="FILE",
@@ -119,6 +123,8 @@ def validate(args: argparse.Namespace, extra: Sequence[str]) -> str | None:
         return "OpenRLHF has no configuration file: pass your train_ppo_ray arguments after --"
     if args.config is not None and not os.path.isfile(args.config):
         return f"--config {args.config}: no such file"
+    if args.library in AUDIT_ONLY and importlib.util.find_spec(args.library) is None:
+        return f"{args.library} is not installed: pip install {args.library}"
     if args.library in LIBRARIES and importlib.util.find_spec(args.library) is None:
         return f"{args.library} is not installed: pip install 'kl-patches[{args.library}]'"
     return None

@@ -1,5 +1,5 @@
-"""kl-patches for TRL (``trl>=1.15,<1.17``): the exact gradient of beta * KL(pi || pi_ref) over whole responses in
-``GRPOTrainer``. Three ways in, all reversible:
+"""kl-patches for TRL (``trl`` 0.24.x and 1.15-1.16): the exact gradient of beta * KL(pi || pi_ref) over whole
+responses in ``GRPOTrainer``. Three ways in, all reversible:
 
 * ``from kl_patches.integrations.trl import GRPOConfig, GRPOTrainer``: drop-in subclasses; ``GRPOConfig`` gains
   ``kl_mode`` (``library``, ``k1-in-reward``, ``k1-rtg-loss`` -- the default, exact on- and off-policy),
@@ -17,10 +17,15 @@ from typing import Any
 
 from kl_patches.modes import LIBRARY, validate_mode
 
-#: The TRL releases this adapter was verified on (its tests and exact step audit pass there); declared once here.
-SUPPORTED = ">=1.15,<1.17"
+#: The TRL lines this adapter was verified on (its tests and the exact step audit pass there, one nox session per
+#: line: ``trl-0.24`` and ``trl``); declared once here. What differs between them is in :mod:`.compat`.
+SUPPORTED_LINES = (">=0.24,<0.25", ">=1.15,<1.17")
+#: The same union as one PEP 440 specifier (a requirement cannot say "or"): pip's ``[trl]`` extra carries exactly
+#: this string, and ``tests/integrations/trl/test_config.py`` checks it equals SUPPORTED_LINES on every release.
+SUPPORTED = (">=0.24,<1.17,!=0.25.*,!=0.26.*,!=0.27.*,!=0.28.*,!=0.29.*,"
+             + ",".join(f"!=1.{minor}.*" for minor in range(15)))
 
-__all__ = ["SUPPORTED", "GRPOConfig", "GRPOTrainer", "enable", "disable", "enabled_mode", "autoload"]
+__all__ = ["SUPPORTED", "SUPPORTED_LINES", "GRPOConfig", "GRPOTrainer", "enable", "disable", "enabled_mode", "autoload"]
 
 
 def _integration():

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from kl_patches import estimators, terms
-from kl_patches.integrations.trl import SUPPORTED
+from kl_patches.integrations.trl import SUPPORTED, compat
 from kl_patches.integrations.trl import config as trl_config
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, validate_mode
 from kl_patches.patching import PatchError, installed_version
@@ -66,6 +66,7 @@ METRIC_PREFIX = "kl_patches"
 #: ``kl_patches/mu_source``: which log-probs were taken as mu, the distribution that sampled the batch.
 MU_SOURCES = {"on-policy": 0.0, "old_per_token_logps": 1.0, "vllm_sampling_logps": 2.0}
 
+#: Every loss_type of every supported TRL line; the installed line's own are ``compat.current().loss_types``.
 KNOWN_LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
 
 #: Multimodal / model-specific inputs TRL passes to ``_get_per_token_logps_and_entropies`` in ``_compute_loss``.
@@ -125,8 +126,9 @@ def loss_mask(inputs: dict) -> Tensor:
     return mask.bool()
 
 
-def forward_kwargs(inputs: dict) -> dict:
-    return {key: inputs.get(key) for key in FORWARD_KEYS}
+def forward_kwargs(trainer, inputs: dict) -> dict:
+    """The multimodal inputs of the batch that this TRL's log-prob method takes (TRL 0.24 takes fewer)."""
+    return compat.accepted(trainer, {key: inputs.get(key) for key in FORWARD_KEYS})
 
 
 # ------------------------------------------------------------------------------------------ guards
@@ -180,10 +182,11 @@ def check(trainer, mode: str) -> None:
 
 def check_loss_type(trainer) -> str:
     loss_type = trainer.loss_type
-    if loss_type not in KNOWN_LOSS_TYPES:
+    known = compat.current().loss_types
+    if loss_type not in known:
         raise PatchError(
             f"trl {trl_version()}: unknown GRPO loss_type {loss_type!r}; kl-patches knows "
-            f"{', '.join(KNOWN_LOSS_TYPES)} and will not guess how a new one normalises the loss"
+            f"{', '.join(known)} on this TRL and will not guess how a new one normalises the loss"
         )
     return loss_type
 
@@ -205,10 +208,10 @@ def sampling_logps(trainer, output: dict) -> Tensor:
     batch_size = args.per_device_train_batch_size if train_or_eval(trainer) == "train" else \
         args.per_device_eval_batch_size
     with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        logps = trainer._get_per_token_logps_and_entropies(
             trainer.model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size,
-            **forward_kwargs(output),
-        )
+            **forward_kwargs(trainer, output),
+        )[0]  # (logps, entropies) on TRL 0.24, (logps, entropies, aux) on 1.15+
     return logps.detach()
 
 
@@ -218,11 +221,54 @@ def gather_padded(trainer, tensor: Tensor) -> Tensor:
     return trainer.accelerator.gather(tensor)
 
 
+@contextlib.contextmanager
+def capture_sampling_logps(trainer, captured: dict):
+    """TRL 0.24 keeps only the clamped vLLM ratio in the batch, not vLLM's per-token sampling log-probs (mu): keep
+    them as ``_generate`` returns them while TRL scores the batch. A no-op on lines that keep them (1.15+)."""
+    corrected = trainer.use_vllm and trainer.vllm_importance_sampling_correction
+    if compat.current().sampling_logps_in_batch or not corrected:
+        yield
+        return
+    name = "_generate"
+    previous = trainer.__dict__.get(name, _MISSING)
+    inner = getattr(trainer, name)
+
+    def capturing(*args, **kwargs):
+        result = inner(*args, **kwargs)
+        captured["logprobs"] = result[3]  # (prompt_ids, completion_ids, num_items, logprobs, forward_kwargs)
+        return result
+
+    setattr(trainer, name, capturing)
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            delattr(trainer, name)
+        else:
+            setattr(trainer, name, previous)
+
+
+def sampling_tensor(logprobs: list, like: Tensor) -> Tensor:
+    """vLLM's per-token log-probs (lists per row) right-padded with 0 to the completion width, as TRL 1.x does."""
+    rows = [torch.tensor(row, device=like.device) for row in logprobs]
+    padded = torch.zeros(len(rows), like.shape[1], dtype=rows[0].dtype if rows else torch.float32,
+                         device=like.device)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    return padded
+
+
 def score(trainer, original: Callable, inputs, mode: str) -> dict:
     """``_generate_and_score_completions`` with what ``mode`` needs from the whole generation batch added."""
+    sampled: dict[str, Any] = {}
     if active_mode(trainer, mode) is not None:
         check(trainer, mode)  # before generation: a refused configuration costs nothing
-    output = original(trainer, inputs)
+        with capture_sampling_logps(trainer, sampled):
+            output = original(trainer, inputs)
+        if sampled.get("logprobs") is not None and "sampling_per_token_logps" not in output:
+            output["sampling_per_token_logps"] = sampling_tensor(sampled["logprobs"], output["completion_ids"])
+    else:
+        output = original(trainer, inputs)
     metrics = trainer._metrics[train_or_eval(trainer)]
     metrics[f"{METRIC_PREFIX}/mode/{mode}"].append(1.0)
     if active_mode(trainer, mode) is None:
@@ -246,7 +292,8 @@ def score(trainer, original: Callable, inputs, mode: str) -> dict:
     all_ref = gather_padded(trainer, ref.detach())
     all_mask = gather_padded(trainer, mask.to(torch.int32)).bool()
     all_policy = None if old is None or mode == K1_IN_REWARD else gather_padded(trainer, old.detach())
-    num_generations = trainer.num_generations if train_or_eval(trainer) == "train" else trainer.num_generations_eval
+    num_generations = trainer.num_generations if train_or_eval(trainer) == "train" else getattr(
+        trainer, "num_generations_eval", trainer.num_generations)  # TRL 0.24 has one group size
     group_ids = torch.arange(all_logp.shape[0], device=all_logp.device) // num_generations
     process = trainer.accelerator.process_index
     local = slice(process * len(logp), (process + 1) * len(logp))
@@ -298,11 +345,12 @@ def kl_scale(trainer) -> float:
 
 def row_normalizer(trainer, mask: Tensor, inputs: dict) -> Tensor:
     """What TRL's ``_compute_loss`` divides row i's token sum by, for the configured loss_type, shape (B,)
-    (read off TRL 1.16's aggregation; the parity tests check it against TRL's own loss)."""
+    (read off each supported TRL line's aggregation; the parity tests check it against TRL's own loss)."""
     loss_type = check_loss_type(trainer)
+    line = compat.current()
     rows = mask.shape[0]
     train = train_or_eval(trainer) == "train"
-    steps = float(trainer.current_gradient_accumulation_steps) if train else 1.0
+    steps = float(trainer.current_gradient_accumulation_steps) if train or line.eval_divides_by_accumulation else 1.0
     lengths = mask.sum(-1).clamp(min=1).to(torch.float64)
     if loss_type in ("grpo", "sapo"):
         value = lengths * rows * steps
@@ -314,7 +362,7 @@ def row_normalizer(trainer, mask: Tensor, inputs: dict) -> Tensor:
         value = torch.full((rows,), float(rows) * steps, dtype=torch.float64)
     else:  # dapo, cispo, vespo: the generation batch's token count, rescaled to one accumulation window
         count = inputs["num_items_in_batch"].clamp(min=1.0).to(torch.float64) / trainer.accelerator.num_processes
-        if train:
+        if train and line.dapo_window:
             count = count * steps / trainer.args.steps_per_generation
         value = count.expand(rows)
     return value.to(mask.device)

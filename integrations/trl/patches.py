@@ -68,12 +68,16 @@ class TRLIntegration(Integration):
     supported = SUPPORTED
     targets = TARGETS
 
+    def check_version(self) -> str:
+        """The installed TRL's version when a supported line covers it; else PatchError naming the closest one."""
+        from kl_patches.integrations.trl import compat
+
+        return compat.require()
+
     def build_patches(self, mode: str) -> list[AnyPatch]:
-        if mode != "library" and trl_config.unsloth_installed():
-            raise PatchError(
-                f"trl {kl.trl_version()}: Unsloth is installed in this environment; it replaces GRPOTrainer's loss "
-                f"with its own compiled copy, which kl-patches mode {mode!r} cannot reach (kl-patches issue 14). "
-                f"Run without Unsloth, or use kl_mode='library'.")
+        presence = trl_config.unsloth_presence() if mode != "library" else None
+        if presence:
+            raise PatchError(f"trl {kl.trl_version()}: " + trl_config.unsloth_message(mode, presence))
         return super().build_patches(mode)
 
     # Each replacement reads ``self.mode`` when called, so one set serves every mode; an instance of kl-patches'

@@ -17,13 +17,12 @@ from typing import Optional
 
 import trl
 
-from kl_patches.integrations.trl import SUPPORTED, kl
+from kl_patches.integrations.trl import compat, kl
 from kl_patches.modes import DESCRIPTIONS, K1_RTG_LOSS, MODES, resolve_mode, validate_mode
-from kl_patches.patching import require_version
 from kl_patches.terms import check_truncation
 
 # The subclasses are only defined on a TRL they were verified against: importing this module elsewhere fails.
-TRL_VERSION = require_version("trl", SUPPORTED)
+TRL_VERSION = compat.require()
 
 DEFAULT_MODE = K1_RTG_LOSS
 MODE_FIELD = "GRPOConfig.kl_mode"

@@ -17,9 +17,7 @@ import torch
 
 from kl_patches.audit import AuditRecord, PolicySpec
 from kl_patches.audit.records import BIASED, EXACT, NOT_COVERED
-from kl_patches.patching import require_version
-
-from kl_patches.integrations.trl import SUPPORTED
+from kl_patches.integrations.trl import compat
 from kl_patches.integrations.trl.audit.cells import Cell, audit_cell, default_cells, not_covered_records
 from kl_patches.integrations.trl.audit.harness import (
     GROUP_SIZE,
@@ -93,7 +91,7 @@ def audit(spec: PolicySpec | None = None, *, config: str | None = None, args: Se
         # fast; pass any other --vocab/--horizon/--seed to audit that spec instead.
         spec = PolicySpec(horizon=DEFAULT_HORIZON)
         notes.append(f"kl-patches check --library trl enumerates horizon {DEFAULT_HORIZON} by default")
-    require_version(LIBRARY_NAME, SUPPORTED)
+    compat.require()
     with single_thread(), quiet():
         if config is not None or args:
             records = audit_user_config(spec, parse_user_config(config, args))

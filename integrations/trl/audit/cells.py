@@ -31,11 +31,11 @@ from kl_patches.audit.engine import exact_kl_gradient
 from kl_patches.audit.records import BIASED, EXACT, NOT_COVERED, audit_record
 from kl_patches.modes import ENV_VAR, K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
+from kl_patches.integrations.trl import compat, kl
 from kl_patches.integrations.trl import config as trl_config
-from kl_patches.integrations.trl import kl
 from kl_patches.integrations.trl.audit.harness import (
     AUDIT_BETA,
-    FLOAT64_NOTE,
+    float64_note,
     GROUP_SIZE,
     LIBRARY_NAME,
     MODEL_NOTE,
@@ -164,12 +164,13 @@ def library_description(config, trainer: str, on_policy: bool) -> tuple[str, str
                   "biased off-policy")
         return "k1", "reward", reason
     aggregation = aggregation_words(config.loss_type)
-    if config.use_bias_correction_kl and config.importance_sampling_level == "sequence":
+    bias_correction = getattr(config, "use_bias_correction_kl", False)  # TRL 1.x only; 0.24 has plain k3
+    if bias_correction and config.importance_sampling_level == "sequence":
         estimator = "k3 x sequence ratio"
         reason = ("k3 times the sequence-level ratio exp(mean_t log-ratio) (use_bias_correction_kl with "
                   "importance_sampling_level=sequence): a spurious (sum_t k3_t/|y|) x sum_t g_t term on top of "
                   "the k3 gradient (TRL issue 6586)")
-    elif config.use_bias_correction_kl:
+    elif bias_correction:
         estimator = "k3 x token ratio"
         reason = ("k3 times the differentiable token ratio (use_bias_correction_kl): on-policy E[sum_t l_t g_t], the "
                   "own-token term only, missing the future-token KL" if on_policy else
@@ -219,13 +220,17 @@ def default_cells() -> list[Cell]:
     the modes for every loss type through the loss, and the modes through the real step on- and off-policy and with
     vLLM emulated (sampler != trainer)."""
     beta = {"beta": AUDIT_BETA}
-    cells = [
-        Cell(f"GRPO defaults, beta={AUDIT_BETA} (loss_type=dapo, use_bias_correction_kl=True)", settings=beta),
-        Cell("GRPO use_bias_correction_kl=False", settings={**beta, "use_bias_correction_kl": False}),
-        Cell("GRPO importance_sampling_level=sequence", settings={**beta, "importance_sampling_level": "sequence"}),
-    ]
+    line = compat.current()  # the installed TRL's loss types and KL estimator
+    cells = [Cell(f"GRPO defaults, beta={AUDIT_BETA} (loss_type=dapo, "
+                  + ("use_bias_correction_kl=True)" if line.bias_correction_kl else "k3 in the loss)"), settings=beta)]
+    if line.bias_correction_kl:
+        cells.append(Cell("GRPO use_bias_correction_kl=False", settings={**beta, "use_bias_correction_kl": False}))
+    cells.append(Cell("GRPO importance_sampling_level=sequence",
+                      settings={**beta, "importance_sampling_level": "sequence"}))
     for loss_type in ("grpo", "bnpo", "dr_grpo", "luspo", "sapo", "cispo", "vespo"):
-        cells.append(Cell(f"GRPO loss_type={loss_type}", settings={**beta, "loss_type": loss_type}, regimes=("on",)))
+        if loss_type in line.loss_types:
+            cells.append(Cell(f"GRPO loss_type={loss_type}", settings={**beta, "loss_type": loss_type},
+                              regimes=("on",)))
     cells.append(Cell("RLOO defaults (beta=0.05, k1 in reward)", trainer="rloo"))
     # The modes through GRPOTrainer's real step.
     cells.append(Cell(f"GRPO kl_mode={K1_RTG_LOSS} (default), step", settings=beta, mode=K1_RTG_LOSS, driver="step",
@@ -233,7 +238,7 @@ def default_cells() -> list[Cell]:
     cells.append(Cell(f"GRPO kl_mode={K1_IN_REWARD}, step", settings=beta, mode=K1_IN_REWARD, driver="step",
                       regimes=("on",)))
     # The modes for every loss type through the loss (the loss type only shapes TRL's aggregation).
-    for loss_type in kl.KNOWN_LOSS_TYPES:
+    for loss_type in line.loss_types:
         settings = {**beta, "loss_type": loss_type}
         cells.append(Cell(f"GRPO kl_mode={K1_RTG_LOSS}, loss_type={loss_type}, loss", settings=settings,
                           mode=K1_RTG_LOSS, regimes=("on",)))
@@ -296,7 +301,7 @@ def audit_cell(spec: PolicySpec, cell: Cell, regime: str, *, truth_cache: dict |
                                   **regime_build(regime), **({} if config is not None else settings))
     trainer = tiny.trainer
     args = trainer.args
-    notes = [FLOAT64_NOTE, ZERO_REWARD_NOTE, MODEL_NOTE]
+    notes = [float64_note(), ZERO_REWARD_NOTE, MODEL_NOTE]
     refused = []
     if cell.mode != LIBRARY:
         refused = trl_config.refusals(args, cell.mode, vocab_size=spec.vocab, use_vllm=bool(trainer.use_vllm),

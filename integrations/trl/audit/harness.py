@@ -21,6 +21,7 @@ log-probs are the ones vLLM reports (sampler != trainer), else the sampler is th
 
 Numerical stand-in, stated on every record: TRL 1.16 computes log-probs with a fused LM-head kernel in float32;
 the audit model's fused forward returns the same fields in float64, so exactness is judged at float64 rounding.
+TRL 0.24 takes log-probs from the model's own logits (float64 here): no stand-in.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from kl_patches.audit.records import BIASED, EXACT, NOT_COVERED, audit_record
 from kl_patches.modes import ENV_VAR, K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, mode_from_env, validate_mode
 from kl_patches.patching import require_version
 
-from kl_patches.integrations.trl import kl
+from kl_patches.integrations.trl import compat, kl
 
 Tensor = torch.Tensor
 
@@ -56,6 +57,14 @@ AUDIT_BETA = 0.04  # any beta > 0 (TRL's default beta=0 has no KL at all); the s
 
 FLOAT64_NOTE = ("TRL's fused LM head computes log-probs in float32; the audit model's fused forward returns "
                 "the same fields in float64 so exactness is judged at float64 rounding")
+FLOAT64_NOTE_0_24 = ("TRL 0.24 computes log-probs from the model's own logits (selective_log_softmax); the audit "
+                     "model is float64 end to end, so exactness is judged at float64 rounding")
+
+
+def float64_note() -> str:
+    return FLOAT64_NOTE if compat.current().fused_logps else FLOAT64_NOTE_0_24
+
+
 MODEL_NOTE = "spec.kind is not used: the policy is TRL's model, a tiny GPT-2 built from a config"
 NUM_ITEMS_NOTE = ("num_items_in_batch fixed per group at group_size x mean enumerated length (its large-batch "
                   "value; with a 2-response batch it would make the dapo normaliser a ratio)")
@@ -206,15 +215,19 @@ class ResponseFeeder:
                 f"the trainer asked for {len(prompt_ids)} completions, the feeder holds {len(self.rows)}")
         completions = [list(self.responses[int(r)]) for r in self.rows]
         rloo = sys.modules.get("trl.trainer.rloo_trainer")  # not imported here: only RLOO cells need it
-        if rloo is not None and isinstance(self.trainer, rloo.RLOOTrainer):  # RLOO's returns the ids only; GRPO's (ids, sampling logprobs)
-            return completions
-        if self.sampler is None:
-            return completions, None
-        if self.sampler_logps is None:
-            with torch.no_grad():
-                self.sampler_logps = self.sampler.token_logprobs(self.tokens, self.mask)
-        logprobs = [self.sampler_logps[int(r), :len(self.responses[int(r)])].tolist() for r in self.rows]
-        return completions, logprobs
+        is_rloo = rloo is not None and isinstance(self.trainer, rloo.RLOOTrainer)
+        logprobs = None
+        if self.sampler is not None and not is_rloo:
+            if self.sampler_logps is None:
+                with torch.no_grad():
+                    self.sampler_logps = self.sampler.token_logprobs(self.tokens, self.mask)
+            logprobs = [self.sampler_logps[int(r), :len(self.responses[int(r)])].tolist() for r in self.rows]
+        if compat.current().generate_returns == "prompt-completions":
+            # TRL 0.24: (prompt_ids, completion_ids, [sampling logprobs (GRPO)], forward_kwargs)
+            prompt_ids = [list(self.problem.policy.prompt_ids) for _ in self.rows]
+            return (prompt_ids, completions, {}) if is_rloo else (prompt_ids, completions, logprobs, {})
+        # TRL 1.15+: RLOO's returns the ids only; GRPO's (ids, sampling logprobs)
+        return completions if is_rloo else (completions, logprobs)
 
     # -- log-probs --------------------------------------------------------------------------------------------
 
@@ -235,19 +248,20 @@ class ResponseFeeder:
             input_ids = torch.cat([prompt_ids.expand(rows, -1), completion], dim=1)
             attention_mask = torch.cat([torch.ones(rows, len(prompt_ids), dtype=torch.long), self.mask.long()], dim=1)
             original = type(self.trainer)._get_per_token_logps_and_entropies
-            logps, entropies, _ = original(self.trainer, model, input_ids, attention_mask, self.tokens.shape[1],
-                                           compute_entropy=True)
-            self.cache[key] = (logps, entropies)
+            result = original(self.trainer, model, input_ids, attention_mask, self.tokens.shape[1],
+                              compute_entropy=True)
+            self.cache[key] = (result[0], result[1])
         return self.cache[key]
 
     def get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
         name, source_model = self.source(model)
+        line = compat.current()
         if not self.table:
             original = type(self.trainer)._get_per_token_logps_and_entropies
+            extra = {"compute_aux_loss": compute_aux_loss} if line.logps_values == 3 else {}
             return original(self.trainer, source_model, input_ids, attention_mask, logits_to_keep,
-                            batch_size=batch_size, compute_entropy=compute_entropy,
-                            compute_aux_loss=compute_aux_loss, **kwargs)
+                            batch_size=batch_size, compute_entropy=compute_entropy, **extra, **kwargs)
         logps, entropies = self.table_logps(name, source_model)
         completion = input_ids[:, -logits_to_keep:]
         valid = attention_mask[:, -logits_to_keep:].bool()
@@ -266,7 +280,8 @@ class ResponseFeeder:
             taken = torch.nn.functional.pad(values[rows, :width], (0, pad))
             return torch.where(empty, torch.zeros((), dtype=taken.dtype), taken)
 
-        return take(logps), take(entropies) if compute_entropy else None, None
+        result = (take(logps), take(entropies) if compute_entropy else None, None)
+        return result[:line.logps_values]  # (logps, entropies) on TRL 0.24; with aux on 1.15+
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ResponseFeeder"]:

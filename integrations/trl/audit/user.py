@@ -140,7 +140,7 @@ def parse_user_config(config: str | None = None, args: Sequence[str] = ()) -> Us
                                                        else ["vllm", "vllm-uncorrected"])
         notes.append("use_vllm: emulated through TRL's vLLM branch (per-token sampling log-probs from the feeder), "
                      "with a sampler equal to the policy and a perturbed one")
-    if parsed.entropy_coef:
+    if getattr(parsed, "entropy_coef", None):  # TRL 1.x only
         notes.append(f"entropy_coef={parsed.entropy_coef} left out: the entropy bonus is not part of the KL gradient")
     name = os.path.basename(config) if config else "command line"
     return UserConfig(parsed, mode, source, use_vllm, tuple(regimes), name, notes)

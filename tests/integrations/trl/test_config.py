@@ -113,6 +113,35 @@ def test_supported_range_is_declared_once():
     assert len(extra) == 1 and extra[0].specifier == SpecifierSet(adapter.SUPPORTED)  # pip's [trl] extra agrees
 
 
+#: Every TRL release on PyPI from 0.18 (the oldest Unsloth or LLaMA-Factory allow) to the newest.
+RELEASES = ("0.18.0 0.18.1 0.18.2 0.19.0 0.19.1 0.20.0 0.21.0 0.22.0 0.22.1 0.22.2 0.23.0 0.23.1 0.24.0 0.25.0 0.25.1 "
+            "0.26.0 0.26.1 0.26.2 0.27.0 0.27.1 0.27.2 0.28.0 0.29.0 0.29.1 1.0.0 1.1.0 1.2.0 1.3.0 1.4.0 1.5.0 1.5.1 "
+            "1.6.0 1.7.0 1.7.1 1.8.0 1.9.0 1.9.1 1.9.2 1.10.0 1.11.0 1.12.0 1.13.0 1.14.0 1.14.1 1.14.2 1.15.0 "
+            "1.16.0 1.17.0 2.0.0").split()
+
+
+def test_the_single_specifier_is_exactly_the_union_of_the_verified_lines():
+    """pip's [trl] extra (one PEP 440 specifier) admits exactly the releases of SUPPORTED_LINES; every other release
+    is refused by name with the closest supported version."""
+    from packaging.specifiers import SpecifierSet
+
+    from kl_patches.integrations.trl import compat
+    from kl_patches.patching import PatchError
+
+    union = SpecifierSet(adapter.SUPPORTED)
+    for release in RELEASES:
+        in_a_line = any(release in SpecifierSet(line) for line in adapter.SUPPORTED_LINES)
+        assert (release in union) == in_a_line, release
+        if in_a_line:
+            assert compat.check_version(release) == release
+        else:
+            with pytest.raises(PatchError, match=rf"trl {release} is not supported.*closest supported version is "
+                                                 rf"trl (0\.24\.0|1\.16\.0)"):
+                compat.check_version(release)
+    assert compat.closest_line("0.23.1").name == "0.24.0" and compat.closest_line("1.14.2").name == "1.16.0"
+    assert [line.specifier for line in compat.LINES] == list(adapter.SUPPORTED_LINES)
+
+
 def test_importing_the_adapter_imports_no_library():
     import subprocess
     import sys

@@ -8,6 +8,7 @@ import kl_patches.integrations.trl as adapter
 from kl_patches.audit import PolicySpec
 from kl_patches.integrations.trl import config as trl_config
 from kl_patches.integrations.trl.audit import build_tiny_trainer, trl_loss
+from kl_patches.integrations.trl.compat import installed_loss_types
 from kl_patches.patching import PatchError
 
 ROWS = (0, 4, 7, 14)
@@ -18,13 +19,13 @@ def run(tiny):
     return trl_loss(tiny, tiny.problem.tokens[index], tiny.problem.mask[index])
 
 
-@pytest.mark.parametrize("settings, match", [
+@pytest.mark.parametrize("settings, match", [(settings, match) for settings, match in [
     ({"num_iterations": 2}, "num_iterations=2"),
     ({"steps_per_generation": 2}, "steps_per_generation=2"),
     ({"loss_type": "cispo"}, "epsilon_high=0.2"),
     ({"top_entropy_quantile": 0.5}, "top_entropy_quantile=0.5"),
     ({"loss_type": "vespo"}, "loss_type=vespo"),
-])
+] if settings.get("loss_type", "dapo") in installed_loss_types(settings.get("loss_type", "dapo"))])
 def test_k1_in_reward_refuses_what_it_cannot_make_exact(reward, settings, match):
     tiny = build_tiny_trainer(PolicySpec(), kl_mode="k1-in-reward", beta=0.04, reward_funcs=reward, **settings)
     with pytest.raises(PatchError, match=f"(?s){match}.*Fix: kl_mode: k1-rtg-loss"):
@@ -37,8 +38,8 @@ def test_k1_in_reward_refuses_an_emulated_vllm_sampler(reward):
         run(tiny)
 
 
-@pytest.mark.parametrize("settings", [{"num_iterations": 2}, {"loss_type": "cispo"}, {"top_entropy_quantile": 0.5},
-                                      {"top_k": 3}])
+@pytest.mark.parametrize("settings", [{"num_iterations": 2}, {"top_entropy_quantile": 0.5}, {"top_k": 3}]
+                         + [{"loss_type": loss_type} for loss_type in installed_loss_types("cispo")])
 def test_k1_rtg_loss_accepts_them(reward, settings):
     """The k1-rtg-loss term stays outside TRL's clamps and masks; top_k = vocabulary truncates nothing."""
     tiny = build_tiny_trainer(PolicySpec(), kl_mode="k1-rtg-loss", beta=0.04, reward_funcs=reward,
@@ -110,15 +111,48 @@ def test_unsloth_installed_is_refused_naming_it(tmp_path, monkeypatch, reward):
     (tmp_path / "unsloth").mkdir()
     (tmp_path / "unsloth" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert trl_config.unsloth_installed()
-    with pytest.raises(PatchError, match="Unsloth is installed"):
+    assert trl_config.unsloth_presence() == "unsloth is installed"
+    with pytest.raises(PatchError, match="unsloth is installed.*Unsloth replaces TRL's GRPOTrainer.*grpo_compute_loss"
+                                         ".*check --library unsloth.*Fix: train with TRL's GRPOTrainer"):
         adapter.enable("k1-rtg-loss")
     assert adapter.enabled_mode() is None
     assert adapter.enable("library") is True  # library mode touches no loss: allowed
     adapter.disable()
     tiny = build_tiny_trainer(PolicySpec(), kl_mode="k1-rtg-loss", beta=0.04, reward_funcs=reward)
-    with pytest.raises(PatchError, match="Unsloth installed.*replaces GRPOTrainer's loss"):
+    with pytest.raises(PatchError, match=r"(?s)Unsloth \(unsloth is installed\).*UnslothGRPOTrainer.*Fix: train with"):
         run(tiny)
+
+
+@pytest.mark.parametrize("name", ["unsloth", "unsloth_zoo"])
+def test_unsloth_already_imported_is_refused_even_without_a_package_spec(monkeypatch, reward, name):
+    """A module in sys.modules with no spec (a stub, a vendored copy) makes importlib's find_spec raise: it must
+    still count as Unsloth, or a mode would silently leave Unsloth's k3 in place."""
+    import types
+
+    monkeypatch.setitem(__import__("sys").modules, name, types.ModuleType(name))
+    assert trl_config.unsloth_presence() == f"{name} is imported"
+    with pytest.raises(PatchError, match=f"{name} is imported.*Unsloth replaces"):
+        adapter.enable("k1-in-reward")
+    assert adapter.enabled_mode() is None
+    for mode in ("k1-rtg-loss", "k1-in-reward"):
+        tiny = build_tiny_trainer(PolicySpec(), kl_mode=mode, beta=0.04, reward_funcs=reward)
+        with pytest.raises(PatchError, match=f"Unsloth \\({name} is imported\\)"):
+            run(tiny)
+
+
+def test_a_trainer_generated_by_unsloth_is_refused_by_name(monkeypatch, reward):
+    """Unsloth's generated trainer (a GRPOTrainer copy in unsloth_compiled_cache) is refused at its first batch even
+    when Unsloth itself is not importable any more."""
+    import trl
+
+    monkeypatch.setattr(trl_config, "unsloth_presence", lambda: None)
+    generated = type("UnslothGRPOTrainer", (trl.GRPOTrainer,), {"__module__": "unsloth_compiled_cache.UnslothGRPO"})
+    adapter.enable("k1-rtg-loss")
+    tiny = build_tiny_trainer(PolicySpec(), trainer_class=generated, beta=0.04, reward_funcs=reward)
+    with pytest.raises(PatchError, match="the trainer is Unsloth's unsloth_compiled_cache.UnslothGRPO.UnslothGRPOTrainer"):
+        run(tiny)
+    adapter.disable()
+    assert torch.isfinite(run(tiny))  # unpatched, Unsloth's trainer runs as Unsloth ships it
 
 
 def test_rloo_under_a_mode_says_once_that_it_is_not_patched(caplog):

@@ -16,6 +16,7 @@ from kl_patches.statistics import group_statistics
 from kl_patches.integrations.trl.audit import build_tiny_trainer, trl_loss
 from kl_patches.audit.tolerances import LIBRARY_GRADIENT, LIBRARY_STEP
 from kl_patches.audit import flat_grad
+from kl_patches.integrations.trl.compat import installed_loss_types
 
 BETA = 0.04
 ROWS = (3, 7, 0, 14, 9, 9, 1, 12)  # 4 groups of 2: short, long, EOS-terminated and truncated responses
@@ -108,8 +109,9 @@ def test_patched_mode_is_trl_policy_gradient_plus_the_core_kl_term(reward, mode,
     assert (patched - library).norm() > 1e-3 * library.norm()  # and it is not TRL's own KL
 
 
-@pytest.mark.parametrize("loss_type, mode", [(loss, mode) for loss in ("grpo", "bnpo", "dr_grpo", "luspo", "cispo",
-                                                                       "sapo", "vespo", "dapo") for mode in MODES
+@pytest.mark.parametrize("loss_type, mode", [(loss, mode) for loss in installed_loss_types(
+                                                 "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo", "vespo", "dapo")
+                                             for mode in MODES
                                              if not (mode == "k1-in-reward" and loss in ("cispo", "vespo"))])
 def test_policy_gradient_part_unchanged_for_every_loss_type(reward, loss_type, mode):
     """The patched loss minus TRL's loss at beta=0 depends only on the KL tensors: it equals the KL term computed

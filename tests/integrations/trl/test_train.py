@@ -11,10 +11,12 @@ from kl_patches.integrations.trl.audit import build_model, build_tokenizer
 
 def trl_trains_on_cpu() -> bool:
     """TRL 1.15's fused log-prob kernel exists only with Triton (a GPU): TRL itself cannot train on a CPU there.
-    TRL 1.16 (the version CI installs) has a CPU path, so these tests run."""
+    TRL 1.16 has a CPU path and TRL 0.24 uses the model's own forward (the versions CI installs), so these run."""
     from trl.trainer import utils
 
-    return getattr(utils, "_ChunkedLogProbFunction", None) is not None
+    from kl_patches.integrations.trl import compat
+
+    return not compat.current().fused_logps or getattr(utils, "_ChunkedLogProbFunction", None) is not None
 
 
 pytestmark = pytest.mark.skipif(not trl_trains_on_cpu(), reason="this TRL version cannot train on CPU (no Triton)")

@@ -29,6 +29,7 @@ def main(mode: str, out: str) -> None:
     from transformers import TrainerCallback
 
     import kl_patches.integrations.trl as adapter
+    from kl_patches.integrations.trl import compat
     from kl_patches.integrations.trl.audit import build_tokenizer, use_float64_log_probs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -49,9 +50,14 @@ def main(mode: str, out: str) -> None:
                                   processing_class=build_tokenizer(VOCAB))
     use_float64_log_probs(trainer.model)
 
-    def generate(prompt_ids, *unused, **kwargs):  # this rank's rows of the global batch, in process order
-        assert len(prompt_ids) == local
-        return [list(ids) for ids in GLOBAL[rank * local:(rank + 1) * local]], None
+    tokenizer = build_tokenizer(VOCAB)
+
+    def generate(prompts, *unused, **kwargs):  # this rank's rows of the global batch, in process order
+        assert len(prompts) == local
+        completions = [list(ids) for ids in GLOBAL[rank * local:(rank + 1) * local]]
+        if compat.current().generate_returns == "prompt-completions":  # TRL 0.24: prompts are text
+            return [tokenizer(p)["input_ids"] for p in prompts], completions, None, {}
+        return completions, None
 
     trainer._generate_single_turn = generate
     saved = {}
