@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "trl", "verl", "openrlhf"]
+nox.options.sessions = ["core", "trl", "verl", "verl-0.8", "openrlhf"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -36,10 +36,11 @@ def core(session: nox.Session) -> None:
     session.run("pytest", "tests/core", "tests/benchmarks", *session.posargs)
 
 
-def library_session(session: nox.Session, library: str) -> None:
+def library_session(session: nox.Session, library: str, version: str | None = None) -> None:
     install_torch(session)
-    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included).
-    session.run("bash", f"ci/install-{library}.sh", external=True)
+    # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included); a version
+    # argument installs exactly that release (the sessions of older supported versions).
+    session.run("bash", f"ci/install-{library}.sh", *([version] if version else []), external=True)
     session.install(*CONSTRAINTS, ".[test]")
     session.run("pytest", f"tests/integrations/{library}", *session.posargs)
 
@@ -52,6 +53,12 @@ def trl(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def verl(session: nox.Session) -> None:
     library_session(session, "verl")
+
+
+@nox.session(python=PYTHON, name="verl-0.8")
+def verl_0_8(session: nox.Session) -> None:
+    """The same tests against verl 0.8.0 (pinned by rLLM and agent-lightning)."""
+    library_session(session, "verl", "0.8.0")
 
 
 @nox.session(python=PYTHON)

@@ -15,8 +15,9 @@ then every ``from x import f`` copy in ``sys.modules`` rebound:
   ``experimental.separation.ray_trainer``) -- adds -beta*(KL_i - b_i) to the advantage *after* verl's
   estimator (so never divided by a group std), b_i the leave-one-out mean over the whole ``uid`` group
   (``kl_patches.statistics.group_statistics`` on the driver, before any split).
-* ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``  (copy: ``ppo.v1.trainer_base``) --
-  the same for agent sessions with several outputs: the KL of the whole session, on each of its rows.
+* ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``  (copy: ``ppo.v1.trainer_base``; in
+  verl 0.8 the same function is defined in ``verl.trainer.main_ppo_sync``) -- the same for agent sessions with
+  several outputs: the KL of the whole session, on each of its rows.
 * ``verl.trainer.ppo.core_algos.kl_penalty``  (copies: ``workers.utils.losses``, ``trainer.distillation.losses``)
   -- a guard: a kl-patches value reaching verl's per-token estimator from a path kl-patches does not patch
   raises a clear error instead of verl's bare NotImplementedError.
@@ -24,7 +25,8 @@ then every ``from x import f`` copy in ``sys.modules`` rebound:
   ``experimental.one_step_off_policy.main_ppo``) -- the driver-side checks of ``config.py`` before any Ray work
   starts, and the fixed settings the workers' k1-rtg-loss needs (``global_batch_info['kl_patches']``).
 
-The hooks fire when verl imports a target module, in whatever process (driver, ``TaskRunner``, worker actors):
+What differs between the supported versions is in ``compat.py``. The hooks fire when verl imports a target
+module, in whatever process (driver, ``TaskRunner``, worker actors):
 ``plugin.py`` registers them during ``import verl``. Nothing here imports a verl module eagerly.
 """
 
@@ -69,8 +71,8 @@ from kl_patches.integrations.verl.config import (
 
 Tensor = torch.Tensor
 
-#: verl versions whose KL code paths the tests verify (0.9.0 and 0.9.1 share every patched function).
-SUPPORTED = ">=0.9.0,<0.9.2"
+from kl_patches.integrations.verl import compat
+from kl_patches.integrations.verl.compat import SUPPORTED  # noqa: F401  (re-exported: the union of release lines)
 
 #: Column apply_kl_penalty adds for compute_advantage under k1-in-reward: the KL coefficient of each row.
 BETA_KEY = "kl_patches_kl_beta"
@@ -257,7 +259,10 @@ TARGETS: dict[str, list[tuple[str, Callable]]] = {
         ("apply_kl_penalty", make_apply_kl_penalty),
         ("compute_advantage", make_compute_advantage),
     ],
-    "verl.trainer.ppo.v1.utils": [
+    "verl.trainer.ppo.v1.utils": [  # verl 0.9 (compat.VERSION_MODULES)
+        ("compute_advantage_for_multi_trajectories", make_multi_trajectory_advantage),
+    ],
+    "verl.trainer.main_ppo_sync": [  # verl 0.8: the same function, defined in the agent-session trainer
         ("compute_advantage_for_multi_trajectories", make_multi_trajectory_advantage),
     ],
 }
@@ -284,6 +289,13 @@ class VerlIntegration(Integration):
     def build_patches(self, mode: str) -> list:  # patches are built per module, when it is imported
         return []
 
+    def check_version(self) -> str:  # a union of release lines: one SpecifierSet cannot hold it
+        return compat.check_version()
+
+    def target_modules(self) -> list[str]:
+        """The target modules that exist in the installed verl version."""
+        return [name for name in TARGETS if compat.has_module(name, self._version)]
+
     def enable(self, mode: str = LIBRARY) -> bool:
         validate_mode(mode)
         if mode != LIBRARY:
@@ -309,10 +321,10 @@ class VerlIntegration(Integration):
             import wrapt
 
             self._hooks_registered = True
-            for module_name in TARGETS:  # fires right away for a module already imported
+            for module_name in self.target_modules():  # fires right away for a module already imported
                 wrapt.register_post_import_hook(self.patch_module, module_name)
         else:  # hooks fire once per module: after a disable(), patch the modules already imported here
-            for module_name in TARGETS:
+            for module_name in self.target_modules():
                 if sys.modules.get(module_name) is not None:
                     self.patch_module(sys.modules[module_name])
 

@@ -16,7 +16,8 @@ from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
 from kl_patches.integrations.verl.config import LOSS_OVERRIDES, check_trainer_config, lookup
-from kl_patches.integrations.verl.kl import LOSS_AGG_MODES, fixed_normalizer
+from kl_patches.integrations.verl.compat import loss_agg_modes
+from kl_patches.integrations.verl.kl import fixed_normalizer
 
 #: the step audit's generation batch: one prompt x STEP_GROUP_SIZE responses (every ordered batch enumerated)
 STEP_GROUP_SIZE = 2
@@ -159,7 +160,7 @@ def default_step_cells() -> list[StepCell]:
         StepCell("k1-rtg-loss step: dynamic batch sizes, dp 2", (*RTG, *DYNAMIC), K1_RTG_LOSS, EXACT_RTG,
                  EXACT_RTG_OFF, dp_size=2),
     ]
-    for mode in LOSS_AGG_MODES[1:]:
+    for mode in loss_agg_modes()[1:]:
         cells.append(StepCell(f"k1-rtg-loss step: loss_agg_mode={mode}",
                               (*RTG, f"actor_rollout_ref.actor.loss_agg_mode={mode}"), K1_RTG_LOSS, EXACT_RTG,
                               EXACT_RTG_OFF))

@@ -17,7 +17,11 @@ from kl_patches.audit import reference
 from kl_patches.modes import KLModeError
 from kl_patches.patching import installed_version
 
+from kl_patches.integrations.verl.compat import loss_agg_modes
+
 SPEC = PolicySpec()
+#: loss_agg_mode values besides verl's default token-mean in the installed verl (4 in 0.9, 3 in 0.8: no token-sum)
+OTHER_AGG_MODES = len(loss_agg_modes()) - 1
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def test_records_cover_every_cell_on_and_off_policy(records):
     for value in ("k1-rtg-loss step", "kl_penalty=k1-in-reward", "kl_loss_type=low_var_kl+ (= k3+)",
                   "kl_loss_type=abs", "kl_loss_type=mse (= k2)", "gae, lam=0.95", "grpo, norm_adv_by_std_in_grpo=False"):
         assert value in listed
-    for mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+    for mode in loss_agg_modes()[1:]:  # every value the installed verl accepts besides its default
         assert f"loss_agg_mode={mode}" in listed
 
 
@@ -62,7 +66,7 @@ def test_k1_rtg_loss_is_exact_on_and_off_policy_through_the_step(records):
 
 def test_k1_in_reward_is_exact_on_policy_for_every_estimator_and_says_so_off_policy(records):
     cells = [r for r in records if r.mode == "k1-in-reward" and not r.spec.get("step")]
-    assert len(cells) == 20
+    assert len(cells) == 2 * (6 + OTHER_AGG_MODES)  # every estimator, grpo x every non-default loss_agg_mode
     for record in cells:
         length_weighted = "seq-mean-token-mean" in record.configuration
         if record.policy == "on":
@@ -79,9 +83,8 @@ def test_k1_in_reward_is_exact_on_policy_for_every_estimator_and_says_so_off_pol
 EXACT_VERL_CELLS_ON_POLICY = {
     "algorithm.kl_penalty=kl, grpo, norm_adv_by_std_in_grpo=False",
     "algorithm.kl_penalty=kl, rloo",
-    "algorithm.kl_penalty=kl, rloo, loss_agg_mode=token-sum",
-    "algorithm.kl_penalty=kl, rloo, loss_agg_mode=seq-mean-token-sum",
-    "algorithm.kl_penalty=kl, rloo, loss_agg_mode=seq-mean-token-sum-norm",
+    *[f"algorithm.kl_penalty=kl, rloo, loss_agg_mode={mode}" for mode in loss_agg_modes()
+      if mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")],
 }
 
 
@@ -89,7 +92,8 @@ def test_verls_own_configurations(records):
     """verl's cells: exact exactly where the taxonomy says (k1 in reward with a sample-independent baseline and
     a batch-constant loss), biased elsewhere, all biased on a stale batch; the fix is a kl-patches value."""
     verl = [r for r in records if r.mode == "library"]
-    assert len(verl) == 2 * 26
+    # 8 kl_loss_type cells, 10 reward cells (kl / low_var_kl x 5 estimators), low_var_kl and rloo x each other mode
+    assert len(verl) == 2 * (18 + 2 * OTHER_AGG_MODES)
     for record in verl:
         exact = record.policy == "on" and record.configuration in EXACT_VERL_CELLS_ON_POLICY
         assert (record.verdict == "exact") == exact, (record.configuration, record.policy, record.rel_err)
