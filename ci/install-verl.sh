@@ -17,7 +17,7 @@ VERSION="${1:-0.9.1}"
 case "$VERSION" in
     0.9.*) EXTRA=("transformers<5.11" "TransferQueue>=0.1.10")
            MODULES='"verl.trainer.ppo.v1.trainer_base", "verl.trainer.main_ppo_v0"' ;;
-    0.8.*) EXTRA=("transformers<5.11")
+    0.8.*) EXTRA=("transformers<5.11" "pyarrow<26")  # verl 0.8 pins numpy<2; pyarrow 26 needs numpy 2
            MODULES='"verl.trainer.main_ppo_sync"' ;;
     *) echo "ci/install-verl.sh: no recipe for verl $VERSION (kl-patches supports 0.8.0 and 0.9.0-0.9.1)" >&2; exit 2 ;;
 esac

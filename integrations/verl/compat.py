@@ -23,6 +23,7 @@ and 0.9.0); any other version in the hull is refused at run time, by name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from packaging.specifiers import SpecifierSet
@@ -129,3 +130,76 @@ def loss_agg_modes() -> tuple[str, ...]:
 def loads_entry_points(version: str) -> bool:
     """verl 0.9 imports the ``verl.plugins`` entry points on ``import verl``; 0.8 only ``VERL_USE_EXTERNAL_MODULES``."""
     return Version(version) >= Version("0.9.0")
+
+
+# ------------------------------------------------------------------ verl 0.8 on a machine without flash-attn
+
+#: the note step records carry when :func:`flash_attn_placeholder` was in place
+FLASH_ATTN_NOTE = ("placeholder module used for flash_attn: verl 0.8's unpad_input (left_right_2_no_padding) imports "
+                   "flash_attn.bert_padding, a CUDA-only package absent here; the step ran with pure-torch "
+                   "equivalents of its unpad_input / pad_input / index_first_axis (verl 0.9's own CPU fallbacks)")
+
+
+def needs_flash_attn_placeholder() -> bool:
+    """verl < 0.9 has no CPU fallback for flash_attn.bert_padding; True when it would be needed and is missing."""
+    import importlib.util
+
+    import verl.utils.attention_utils as attention_utils
+
+    if hasattr(attention_utils, "_fallback_unpad_input"):  # verl 0.9 falls back by itself
+        return False
+    try:
+        return importlib.util.find_spec("flash_attn") is None
+    except ValueError:  # a flash_attn entry without a spec in sys.modules (e.g. another placeholder)
+        return False
+
+
+@contextlib.contextmanager
+def flash_attn_placeholder():
+    """While the step audit runs verl 0.8's padding code on a CPU machine: a ``flash_attn.bert_padding`` module of
+    pure-torch equivalents in ``sys.modules`` (only when the real package is absent), removed afterwards so no
+    other code mistakes it for flash-attn. Yields whether it was used."""
+    if not needs_flash_attn_placeholder():
+        yield False
+        return
+    import sys
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    def index_first_axis(tensor, indices):
+        return tensor[indices]
+
+    def pad_input(hidden_states, indices, batch, seqlen):
+        output = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
+        output[indices] = hidden_states
+        return output.view(batch, seqlen, *hidden_states.shape[1:])
+
+    def unpad_input(hidden_states, attention_mask, unused_mask=None):
+        masks = (attention_mask + unused_mask) if unused_mask is not None else attention_mask
+        seqlens = masks.sum(dim=-1, dtype=torch.int32)
+        used = attention_mask.sum(dim=-1, dtype=torch.int32)
+        indices = torch.nonzero(masks.flatten(), as_tuple=False).flatten()
+        cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+        flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
+        return index_first_axis(flat, indices), indices, cu_seqlens, seqlens.max().item(), used
+
+    def rearrange(*args, **kwargs):
+        raise NotImplementedError("kl-patches' flash_attn placeholder has no rearrange (the step audit needs none)")
+
+    package = types.ModuleType("flash_attn")
+    padding = types.ModuleType("flash_attn.bert_padding")
+    padding.index_first_axis, padding.pad_input, padding.unpad_input = index_first_axis, pad_input, unpad_input
+    padding.rearrange = rearrange
+    package.bert_padding = padding
+    saved = {name: sys.modules.get(name) for name in ("flash_attn", "flash_attn.bert_padding")}
+    sys.modules.update({"flash_attn": package, "flash_attn.bert_padding": padding})
+    try:
+        yield True
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

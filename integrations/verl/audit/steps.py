@@ -16,7 +16,7 @@ from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
 from kl_patches.integrations.verl.config import LOSS_OVERRIDES, check_trainer_config, lookup
-from kl_patches.integrations.verl.compat import loss_agg_modes
+from kl_patches.integrations.verl.compat import FLASH_ATTN_NOTE, loss_agg_modes
 from kl_patches.integrations.verl.kl import fixed_normalizer
 
 #: the step audit's generation batch: one prompt x STEP_GROUP_SIZE responses (every ordered batch enumerated)
@@ -42,6 +42,8 @@ IN_REWARD = ("algorithm.use_kl_in_reward=True", "algorithm.kl_penalty=k1-in-rewa
 DYNAMIC = ("actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=3")
 NO_ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=False",)
+#: the engine's log-probs as mu: verl 0.9's default, not 0.8's (its rollout.calculate_log_probs defaults to False)
+ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=True",)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: s
         config = config if config is not None else compose([*BASE, *cell.overrides], spec.horizon)
         harness = StepHarness(config, problem, dp_size=cell.dp_size, mismatch=cell.mismatch)
         rows = STEP_GROUPS * STEP_GROUP_SIZE
-        return audit_record(
+        record = audit_record(
             problem, None, step_fn=harness.step, num_groups=STEP_GROUPS, group_size=STEP_GROUP_SIZE,
             library="verl", library_version=version, configuration=cell.configuration, estimator="k1",
             placement=placement(config), mode=cell.mode,
@@ -128,6 +130,9 @@ def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: s
             notes=[STEP_NOTE, *cell.notes], user_config=user_config, dp_size=cell.dp_size, mismatch=cell.mismatch,
             overrides=" ".join(cell.overrides),
         )
+        if harness.placeholder_used:
+            record.notes.append(FLASH_ATTN_NOTE)
+        return record
     except Exception as error:  # a verl path this CPU audit cannot run: say so, never drop the cell
         return AuditRecord(
             library="verl", library_version=version, configuration=cell.configuration, mode=cell.mode,
@@ -165,7 +170,7 @@ def default_step_cells() -> list[StepCell]:
                               (*RTG, f"actor_rollout_ref.actor.loss_agg_mode={mode}"), K1_RTG_LOSS, EXACT_RTG,
                               EXACT_RTG_OFF))
     cells += [
-        StepCell("k1-rtg-loss step: engine/trainer mismatch 0.1, rollout log-probs", RTG, K1_RTG_LOSS,
+        StepCell("k1-rtg-loss step: engine/trainer mismatch 0.1, rollout log-probs", (*RTG, *ENGINE_LOGP), K1_RTG_LOSS,
                  "the engine's rollout_log_probs are mu: the trainer's differing old_log_probs do not enter the KL "
                  "term: exact.", EXACT_RTG_OFF, mismatch=0.1),
         StepCell("k1-rtg-loss step: engine/trainer mismatch 0.1, no rollout log-probs", (*RTG, *NO_ENGINE_LOGP),
@@ -197,8 +202,9 @@ def check_step_cells() -> list[StepCell]:
     together). The tests run all of :func:`default_step_cells`; a user configuration that drops the engine's
     log-probs or keeps token-mean under k1-in-reward is audited (and reported biased) by ``--config``."""
     return [
-        StepCell("k1-rtg-loss step: verl defaults (balance_batch, token-mean), dp 2, engine/trainer mismatch 0.1",
-                 RTG, K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2, mismatch=0.1),
+        StepCell("k1-rtg-loss step: verl defaults (balance_batch, token-mean), dp 2, engine/trainer mismatch 0.1, "
+                 "rollout log-probs", (*RTG, *ENGINE_LOGP), K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2,
+                 mismatch=0.1),
         StepCell("k1-rtg-loss step: dynamic batch sizes, dp 2, loss_agg_mode=seq-mean-token-sum-norm",
                  (*RTG, *DYNAMIC, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm"), K1_RTG_LOSS,
                  EXACT_RTG, EXACT_RTG_OFF, dp_size=2),

@@ -272,13 +272,27 @@ print("PARITY" + json.dumps(out))
 """
 
 
+def plugin_switch() -> dict:
+    """The environment that loads kl-patches in a fresh verl process ("auto") and the one that does not ("none"):
+    verl 0.9's plugin discovery on / off; verl 0.8's VERL_USE_EXTERNAL_MODULES naming the plugin / unset."""
+    import importlib.metadata
+
+    from kl_patches.integrations.verl import compat
+
+    if compat.loads_entry_points(importlib.metadata.version("verl")):
+        return {"auto": {"VERL_USE_EXTERNAL_PLUGINS": "auto"}, "none": {"VERL_USE_EXTERNAL_PLUGINS": "none"}}
+    return {"auto": {compat.PLUGIN_ENV: compat.PLUGIN_MODULE}, "none": {}}
+
+
 def test_plugin_installed_or_not_gives_bit_identical_results_for_verl_values():
-    """The same script in two fresh processes: verl's plugin discovery on (kl-patches patches installed) and
-    off (``VERL_USE_EXTERNAL_PLUGINS=none``: verl's functions untouched). Floats compared exactly."""
+    """The same script in two fresh processes: kl-patches loaded by verl (its patches installed) and not
+    (verl's functions untouched; ``plugin_switch``). Floats compared exactly."""
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}
-    for policy in ("auto", "none"):
-        env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": policy}
+    for policy, switch in plugin_switch().items():
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("VERL_USE_EXTERNAL_MODULES", "VERL_USE_EXTERNAL_PLUGINS")}
+        env.update(switch)
         result = subprocess.run([sys.executable, "-c", PARITY_SCRIPT, here], capture_output=True, text=True, env=env,
                                 cwd=here, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
