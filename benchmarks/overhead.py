@@ -30,12 +30,14 @@ the step's peak resident-set increase in a fresh subprocess (Linux VmHWM after r
 stats); where it does not, the script says it skipped it.
 
 Libraries (verl, OpenRLHF, whose loss code takes log-prob tensors): their real loss functions through the adapters'
-helpers (``_libraries``), the library's default KL (unpatched) against the kl-patches mode that replaces it, loss
-side and reward side, alternated step by step, each in the patch state it needs; memory = saved bytes only.
-The OpenRLHF harness (the adapter's audit helpers) wraps tensors in a float64-preserving subclass whose per-op
-dispatch cost both sides pay. TRL: its own ``GRPOTrainer`` against kl-patches' drop-in subclass in each mode, on a
-small Llama with generation replaced by a fixed batch of completions: scoring (``_generate_and_score_completions``)
-and ``compute_loss`` + backward, timed separately and together.
+helpers (``_libraries``), the library's default KL (unpatched, in two slots: the second is the A/A control) against
+the kl-patches mode that replaces it, loss side and reward side, in a fresh random order per repetition, each in the
+patch state it needs; memory = saved bytes only. The OpenRLHF harness (the adapter's audit helpers) wraps tensors in
+a float64-preserving subclass whose per-op dispatch cost both sides pay. TRL: its own ``GRPOTrainer`` (twice: A/A
+control) against kl-patches' drop-in subclass in each mode, on a small Llama with generation replaced by a fixed
+batch of completions, on-policy with TRL's defaults, response lengths 128/512/2048 and batches 8/64 (``--lengths``,
+``--batches``): scoring (``_generate_and_score_completions``) and ``compute_loss`` + backward, timed separately and
+together; memory = saved bytes of the loss and the peak RSS of a whole step in a fresh subprocess (``--probe-trl``).
 
 Also recorded: the wall time of ``kl-patches check --library <lib>`` in a fresh process (library import included)
 for core and every installed library.
@@ -80,7 +82,7 @@ def make_inputs(source: str, length: int, seed: int = 0) -> dict:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(length // 2, length + 1, (BATCH,), generator=generator)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
     mask = torch.arange(length)[None, :] < lengths[:, None]
     old = -2.0 * torch.rand(BATCH, length, generator=generator)
     inputs = {
@@ -399,7 +401,16 @@ def library_step(loss_fn):
 TRL_WORDS = 1024  # the TRL overhead model's vocabulary (w0 .. w1022, EOS)
 
 
-def trl_trainers(length: int, folder: str):
+#: TRL's variants: its own trainer twice (the second is the A/A control: its band is the noise floor) and
+#: kl-patches' drop-in trainer in each mode
+TRL_VARIANTS = ("unpatched", CONTROL, "k1-rtg-loss", "k1-in-reward")
+#: (batch, response length) measured by default: issue 17's range, lengths 128-2048 and batches 8-64, without the
+#: (64, 2048) corner, whose step takes ~2 minutes on a 2-core CPU (the KL's share of a step only shrinks there:
+#: it is O(B T) next to the model's O(B T^2) attention)
+TRL_GRID = ((8, 128), (8, 512), (8, 2048), (64, 128), (64, 512))
+
+
+def trl_trainers(length: int, folder: str, batch: int = BATCH, names=TRL_VARIANTS):
     """TRL's own GRPOTrainer (k3 in the loss, TRL's defaults, beta = 0.04) and kl-patches' drop-in GRPOTrainer in
     each mode, on the same small Llama (float32, hidden 64, 2 layers, vocabulary 1024) saved in ``folder``, with
     generation replaced by fixed completions (lengths uniform in [T/2, T]; as kl-patches' TRL audit feeds TRL),
@@ -426,20 +437,20 @@ def trl_trainers(length: int, folder: str):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     generator = torch.Generator().manual_seed(1)
-    lengths = torch.randint(length // 2, length + 1, (BATCH,), generator=generator)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
     completions = [torch.randint(0, TRL_WORDS - 1, (int(n),), generator=generator).tolist() for n in lengths]
-    settings = dict(output_dir=f"{folder}/out", beta=0.04, num_generations=GROUP, per_device_train_batch_size=BATCH,
+    settings = dict(output_dir=f"{folder}/out", beta=0.04, num_generations=GROUP, per_device_train_batch_size=batch,
                     max_completion_length=length, use_cpu=True, report_to=[], save_strategy="no", bf16=False)
     trainers = {}
-    for name in ("unpatched", "k1-in-reward", "k1-rtg-loss"):
-        if name == "unpatched":
+    for name in names:
+        if name in ("unpatched", CONTROL):
             config_, class_ = trl.GRPOConfig(**settings), trl.GRPOTrainer
         else:
             config_, class_ = adapter.GRPOConfig(kl_mode=name, **settings), adapter.GRPOTrainer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = class_(model=folder, reward_funcs=lambda completions, **_: [0.5] * len(completions),
-                             args=config_, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * BATCH}),
+                             args=config_, train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * batch}),
                              processing_class=tokenizer)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
@@ -448,10 +459,20 @@ def trl_trainers(length: int, folder: str):
     return trainers
 
 
-def trl_overhead(rows: _common.Rows, quick: bool, lengths=None) -> None:
-    """TRL's real step, patched versus unpatched: ``_generate_and_score_completions`` (TRL's scoring of a fixed
-    generation batch: rewards, advantages, reference log-probs; kl-patches adds the sequence KL, which needs the
-    sampling log-probs: one extra no-grad forward when the batch is on-policy) and ``compute_loss`` + backward."""
+def trl_step(trainer, prompts) -> tuple[float, float]:
+    """One TRL step without generation: (scoring seconds, compute_loss + backward seconds)."""
+    started = time.perf_counter()
+    inputs = trainer._generate_and_score_completions(prompts)
+    scored = time.perf_counter()
+    trainer.compute_loss(trainer.model, inputs).backward()
+    done = time.perf_counter()
+    trainer.model.zero_grad(set_to_none=True)
+    return scored - started, done - scored
+
+
+def trl_peak_rss_probe(variant: str, length: int, batch: int) -> dict:
+    """Run in a fresh subprocess: peak RSS of one TRL step (scoring + loss + backward) above the RSS before it."""
+    import gc
     import tempfile
 
     import torch
@@ -459,66 +480,122 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None) -> None:
 
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
-    import random
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = trl_trainers(length, folder, batch, names=(variant,))[variant]
+        prompts = [{"prompt": "w1 w2"}] * batch
+        trl_step(trainer, prompts)  # warm-up at the measured size: one-off allocations happen here
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError as err:
+            return {"error": f"cannot reset the RSS high-water mark: {err}"}
+        before = _status_kib("VmRSS")
+        trl_step(trainer, prompts)
+        return {"peak_kib": _status_kib("VmHWM") - before}
 
-    lengths = lengths or ((32,) if quick else (512, 1024, 2048))
-    repetitions = 1 if quick else 21  # 5 gave a +-30 % band (issue 17)
+
+def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None) -> None:
+    """TRL's real step, patched versus unpatched: ``_generate_and_score_completions`` (TRL's scoring of a fixed
+    generation batch: rewards, advantages, reference log-probs; k1-in-reward adds one no-grad policy forward per
+    generation batch for the whole-batch sequence KL, k1-rtg-loss adds nothing) and ``compute_loss`` + backward,
+    on-policy (TRL's defaults: one iteration, steps_per_generation = gradient accumulation = 1), over a grid of
+    response lengths and batch sizes, every variant once per repetition in a fresh random order, with TRL's own
+    trainer in a second slot as the A/A control. Memory: saved-for-backward bytes of compute_loss, and the peak RSS
+    of a whole step in a fresh subprocess (3 each for the unpatched trainer and each mode, at the largest length)."""
+    import random
+    import tempfile
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(THREADS)
+    transformers.logging.set_verbosity_error()
+
+    if quick:
+        grid = [(GROUP, 32)]
+    elif lengths or batches:
+        grid = [(b, t) for b in (batches or sorted({b for b, _ in TRL_GRID}))
+                for t in (lengths or sorted({t for _, t in TRL_GRID}))]
+    else:
+        grid = list(TRL_GRID)
     order = random.Random(0)
-    for length in lengths:
+    for batch, length in grid:
+        lengths = [t for b, t in grid if b == batch]
+        # enough repetitions for a p20-p80 band narrower than the effect (5 gave +-30 %); fewer for slow steps
+        repetitions = 1 if quick else (21 if batch * length <= 4096 else 11 if batch * length <= 16384 else 7)
         with tempfile.TemporaryDirectory() as folder:
-            trainers = trl_trainers(length, folder)
-            prompts = [{"prompt": "w1 w2"}] * BATCH
+            trainers = trl_trainers(length, folder, batch)
+            prompts = [{"prompt": "w1 w2"}] * batch
             times = {(name, part): [] for name in trainers for part in ("score", "loss")}
             saved = {}
-
-            def step(name: str, record: bool) -> None:
-                trainer = trainers[name]
-                started = time.perf_counter()
-                inputs = trainer._generate_and_score_completions(prompts)
-                scored = time.perf_counter()
-                trainer.compute_loss(trainer.model, inputs).backward()
-                done = time.perf_counter()
-                trainer.model.zero_grad(set_to_none=True)
-                if record:
-                    times[(name, "score")].append(scored - started)
-                    times[(name, "loss")].append(done - scored)
-
             names = list(trainers)
             for name in names:
-                step(name, record=False)  # warm-up
+                trl_step(trainers[name], prompts)  # warm-up
                 trainer = trainers[name]
                 inputs = trainer._generate_and_score_completions(prompts)
                 saved[name] = saved_bytes(lambda _: trainer.compute_loss(trainer.model, inputs).backward(), {})
                 trainer.model.zero_grad(set_to_none=True)
-            for repetition in range(repetitions):
+            for _ in range(repetitions):
                 for name in order.sample(names, len(names)):  # a fresh random order every repetition
-                    step(name, record=True)
-            config = {"batch": BATCH, "group": GROUP, "beta": 0.04, "model": "Llama hidden 64, 2 layers, vocab 1024",
-                      "dtype": "float32", "threads": torch.get_num_threads(), "repetitions": repetitions,
-                      "unpatched": "trl.GRPOTrainer (k3 in loss, use_bias_correction_kl=True, loss_type=dapo)"}
-            for name in names:
-                for part, what in (("score", "overhead-trl-scoring"), ("loss", "overhead-trl-loss")):
-                    values = times[(name, part)]
-                    common = dict(what=what, library="trl", configuration=name, x_name="response length", x=length,
-                                  config=config)
-                    rows.add(metric="time", unit="ms", values=[1e3 * v for v in values], **common)
-                    rows.add(metric="time_ratio_vs_unpatched", unit="ratio",
-                             values=[a / b for a, b in zip(values, times[("unpatched", part)])], **common)
-                    if part == "loss":
-                        rows.add(metric="saved_bytes", unit="bytes", values=saved[name], **common)
-                total = [a + b for a, b in zip(times[(name, "score")], times[(name, "loss")])]
-                base = [a + b for a, b in zip(times[("unpatched", "score")], times[("unpatched", "loss")])]
-                rows.add(what="overhead-trl-step", library="trl", configuration=name, metric="time_ratio_vs_unpatched",
-                         unit="ratio", values=[a / b for a, b in zip(total, base)], x_name="response length", x=length,
-                         config=config)
-                rows.add(what="overhead-trl-step", library="trl", configuration=name, metric="time", unit="ms",
-                         values=[1e3 * v for v in total], x_name="response length", x=length, config=config)
-            print(f"[{SCRIPT}] trl T={length:5d}: " + ", ".join(
-                f"{n} score {1e3 * statistics.median(times[(n, 'score')]):.0f} ms + loss "
-                f"{1e3 * statistics.median(times[(n, 'loss')]):.0f} ms" for n in names))
+                    score, loss = trl_step(trainers[name], prompts)
+                    times[(name, "score")].append(score)
+                    times[(name, "loss")].append(loss)
+            del trainers
+        peaks = {}
+        if length == max(lengths) and not quick:
+            for name in ("unpatched", "k1-rtg-loss", "k1-in-reward"):
+                peaks[name] = measure_trl_peak_rss(name, length, batch, repeats=3)
+        config = {"batch": batch, "group": GROUP, "beta": 0.04, "model": "Llama hidden 64, 2 layers, vocab 1024",
+                  "dtype": "float32", "threads": torch.get_num_threads(), "repetitions": repetitions,
+                  "order": "random per repetition", "regime": "on-policy (TRL defaults: no old log-probs)",
+                  "unpatched": "trl.GRPOTrainer (k3 in loss, TRL's defaults, beta = 0.04)"}
+        suffix = f"-b{batch}"
+        for name in names:
+            for part, what in (("score", "overhead-trl-scoring"), ("loss", "overhead-trl-loss")):
+                values = times[(name, part)]
+                common = dict(what=what + suffix, library="trl", configuration=name, x_name="response length",
+                              x=length, config=config)
+                rows.add(metric="time", unit="ms", values=[1e3 * v for v in values], **common)
+                rows.add(metric="time_ratio_vs_unpatched", unit="ratio",
+                         values=[a / b for a, b in zip(values, times[("unpatched", part)])], **common)
+                if part == "loss":
+                    rows.add(metric="saved_bytes", unit="bytes", values=saved[name], **common)
+            total = [a + b for a, b in zip(times[(name, "score")], times[(name, "loss")])]
+            base = [a + b for a, b in zip(times[("unpatched", "score")], times[("unpatched", "loss")])]
+            common = dict(what="overhead-trl-step" + suffix, library="trl", configuration=name,
+                          x_name="response length", x=length, config=config)
+            rows.add(metric="time_ratio_vs_unpatched", unit="ratio", values=[a / b for a, b in zip(total, base)],
+                     **common)
+            rows.add(metric="time", unit="ms", values=[1e3 * v for v in total], **common)
+            peak = peaks.get(name)
+            if peak:
+                rows.add(metric="peak_rss", unit="bytes", values=peak, **common)
+                if peaks.get("unpatched"):
+                    rows.add(metric="peak_rss_delta", unit="bytes",
+                             values=[a - statistics.median(peaks["unpatched"]) for a in peak], **common)
+        step_ratio = lambda n: statistics.median(  # noqa: E731
+            (a + b) / (c + d) for a, b, c, d in zip(times[(n, "score")], times[(n, "loss")],
+                                                    times[("unpatched", "score")], times[("unpatched", "loss")]))
+        print(f"[{SCRIPT}] trl B={batch:3d} T={length:5d}: unpatched step "
+              f"{1e3 * statistics.median(a + b for a, b in zip(times[('unpatched', 'score')], times[('unpatched', 'loss')])):.0f} ms; "
+              + ", ".join(f"{n} {step_ratio(n):.3f}x" for n in names[1:]), flush=True)
 
 
-def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None) -> None:
+def measure_trl_peak_rss(variant: str, length: int, batch: int, repeats: int) -> list[float] | None:
+    values = []
+    for _ in range(repeats):
+        result = subprocess.run([sys.executable, __file__, "--probe-trl", json.dumps([variant, length, batch])],
+                                capture_output=True, text=True, check=True)
+        probe = json.loads(result.stdout.strip().splitlines()[-1])
+        if "error" in probe:
+            print(f"[{SCRIPT}] TRL peak RSS not measured: {probe['error']}")
+            return None
+        values.append(probe["peak_kib"] * 1024.0)
+    return values
+
+
+def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None, batches=None) -> None:
     """Each pair (the library's default KL, the kl-patches mode replacing it) timed interleaved through the
     library's own loss code (``_libraries``), with the patch state each path needs."""
     import contextlib
@@ -530,7 +607,7 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
     import random
 
     if library == "trl":
-        return trl_overhead(rows, quick, lengths)
+        return trl_overhead(rows, quick, lengths, batches)
     if library not in LIBRARY_PAIRS:
         raise LookupError(f"no overhead pairs for {library}")
     torch.set_num_threads(THREADS)
@@ -558,22 +635,30 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
                     return run
 
                 # the two paths need different patch states: alternate them step by step, each inside its state
-                times = {"unpatched": [], patched.mode: []}
-                entries = (("unpatched", timed(unpatched)), (patched.mode, timed(patched)))
+                # the unpatched path twice: the second slot is the A/A control whose band is the noise floor
+                entries = (("unpatched", timed(unpatched)), (CONTROL, timed(unpatched)), (patched.mode, timed(patched)))
+                times = {name: [] for name, _ in entries}
                 for name, context in entries:  # warm-up
                     with context() as step:
                         step(inputs)
                     clear_grads(inputs)
+                with entries[0][1]() as step:  # calls per sample: a sample lasts >= MIN_SAMPLE_S
+                    started = time.perf_counter()
+                    step(inputs)
+                    clear_grads(inputs)
+                    calls = max(1, int((0.002 if quick else MIN_SAMPLE_S) / max(time.perf_counter() - started, 1e-6)))
                 for repetition in range(repetitions):
                     for name, context in order.sample(entries, len(entries)):  # random order per repetition
                         with context() as step:
                             started = time.perf_counter()
-                            step(inputs)
-                            times[name].append(time.perf_counter() - started)
-                        clear_grads(inputs)
+                            for _ in range(calls):
+                                step(inputs)
+                                clear_grads(inputs)
+                            times[name].append((time.perf_counter() - started) / calls)
+                config["calls_per_sample"] = calls
                 what = f"overhead-{source}-{what_suffix.replace(' ', '-')}"
                 for name, context in entries:
-                    label = unpatched.name if name == "unpatched" else patched.name
+                    label = patched.name if name == patched.mode else unpatched.name
                     common = dict(what=what, library=library, configuration=f"{name}: {label}",
                                   x_name="response length", x=length, config=config)
                     rows.add(metric="time", unit="ms", values=[1e3 * v for v in times[name]], **common)
@@ -630,7 +715,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             bottom.set_ylabel("memory / unpatched memory")
             for axis in (top, bottom) if bottom.axison else (top,):
                 axis.set_xscale("log", base=2)
-                axis.set_xlabel("response length T (batch 32)")
+                batch = json.loads(next(r for r in mine if r["what"] == what)["config"]).get("batch")
+                axis.set_xlabel(f"response length T (batch {batch})")
                 axis.set_title(what.replace("overhead-", ""), fontsize=10)
                 axis.grid(alpha=0.3)
                 axis.legend(fontsize=6.5)
@@ -650,9 +736,15 @@ def main(argv=None) -> int:
     if argv[:1] == ["--probe"]:
         print(json.dumps(peak_rss_probe(*json.loads(argv[1]))))
         return 0
+    if argv[:1] == ["--probe-trl"]:
+        print(json.dumps(trl_peak_rss_probe(*json.loads(argv[1]))))
+        return 0
     parser = _common.parser(__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", metavar="T",
-                        help="response lengths (default 512 1024 2048 4096; --quick 64 128)")
+                        help="response lengths (default 512 1024 2048 4096, TRL 128 512 2048; --quick 64 128)")
+    parser.add_argument("--batches", type=int, nargs="+", metavar="B",
+                        help="TRL batch sizes (multiples of its group of 8); with --lengths, their product "
+                        "replaces TRL's default grid (8 x 128/512/2048, 64 x 128/512)")
     args = parser.parse_args(argv)
     coverage, adapters = _common.resolve_coverage(args.libraries)
     rows = _common.Rows(SCRIPT, args.out)
@@ -664,7 +756,7 @@ def main(argv=None) -> int:
                     core_overhead(rows, args.quick, lengths=args.lengths)
                     gpu_overhead(rows, args.quick, lengths=args.lengths)
                 else:
-                    library_overhead(rows, library, args.quick, lengths=args.lengths)
+                    library_overhead(rows, library, args.quick, lengths=args.lengths, batches=args.batches)
                 check_time(rows, library, args.quick)
             except Exception as err:  # noqa: BLE001 - reported as skipped, never silently
                 coverage.skip(library, f"{type(err).__name__}: {err}")

@@ -283,6 +283,17 @@ def ordered(libraries) -> list[str]:
     return [lib for lib in ("core", *_common.LIBRARIES) if lib in found]
 
 
+def overhead_title(what: str) -> str:
+    """The title of an overhead measurement; TRL's carry their batch size as a ``-b<N>`` suffix."""
+    import re
+
+    name = what.replace("overhead-", "")
+    match = re.fullmatch(r"(.*)-b(\d+)", name)
+    if match:
+        return f"{OVERHEAD_TITLES.get(match.group(1), match.group(1))}, batch {match.group(2)}"
+    return OVERHEAD_TITLES.get(name, what)
+
+
 def section_overhead(out: Path) -> list[str]:
     rows = load(out, "overhead")
     if not rows:
@@ -316,7 +327,7 @@ def section_overhead(out: Path) -> list[str]:
                 lines.append(line)
             header = ["T", f"{baseline} time"] + [f"{v}: time ratio [p20, p80]" for v in variants[1:]] + \
                      [f"{v}: memory ratio (delta) saved / peak" for v in variants[1:]]
-            text.append(f"**{library}: {OVERHEAD_TITLES.get(what.replace('overhead-', ''), what)}** (batch "
+            text.append(f"**{library}: {overhead_title(what)}** (batch "
                         f"{config.get('batch')}, {config.get('repetitions')} interleaved repetitions, "
                         f"{config.get('threads')} threads):\n")
             text.append(table(header, lines))
@@ -364,7 +375,7 @@ def overhead_claims(rows: list[dict]) -> str:
                     if base is not None and float(base["median"]) > 0:
                         memory.append((float(r["median"]) / float(base["median"]),
                                        float(r["median"]) - float(base["median"]), r["metric"]))
-            text = (f"{library}, {OVERHEAD_TITLES.get(what.replace('overhead-', ''), what)}, {variant}: time ratio "
+            text = (f"{library}, {overhead_title(what)}, {variant}: time ratio "
                     f"{fmt(min(ratios), 3)}–{fmt(max(ratios), 3)} over the lengths (p80 up to {fmt(high, 3)}; "
                     f"{floor}): target ≤ 1.03 {verdict}")
             if memory:
@@ -826,8 +837,7 @@ def render(out: Path) -> str:
         "### 3. Overhead (`benchmarks/overhead.py`)",
         "",
         "One loss + backward step, patched versus unpatched, timed interleaved in one process, every variant once "
-        "per repetition in a fresh random order (core rows; the library rows below may predate this and say how "
-        "many repetitions they used). Core: unpatched = k3 written as TRL / verl write it; \"unpatched (A/A "
+        "per repetition in a fresh random order, every measurement with an A/A control. Core: unpatched = k3 written as TRL / verl write it; \"unpatched (A/A "
         "control)\" = the same step in a second slot, whose p20–p80 band is the noise floor quoted next to each "
         "ratio; \"no KL\" bounds the KL's whole cost. A target is \"met\" only when the p80 of the ratio is within "
         "it, \"within noise\" when the band straddles it. Time ratio = "
@@ -836,10 +846,12 @@ def render(out: Path) -> str:
         "RSS increase of the step in a fresh subprocess (VmHWM after resetting it via /proc/self/clear_refs). "
         "Libraries: each library's own loss code through the adapters (verl, OpenRLHF: the library's default KL "
         "against the kl-patches mode replacing it; TRL: `trl.GRPOTrainer` against kl-patches' `GRPOTrainer` on a "
-        "small Llama, generation replaced by a fixed batch). TRL's scoring ratio is the one extra no-grad forward "
-        "of the policy that kl-patches' TRL adapter runs on on-policy batches (TRL computes no old log-probs then, "
-        "and the leave-one-out baseline needs every group member's sequence KL before the batch is split into "
-        "micro-batches); generation, which dominates a real step, is excluded here.",
+        "small Llama, generation replaced by a fixed batch, on-policy with TRL's defaults, lengths 128–2048 and "
+        "batches 8 and 64, TRL's own trainer in a second slot as the A/A control). k1-rtg-loss adds no forward to "
+        "TRL's step (its default baseline needs no other row); k1-in-reward runs one extra no-grad policy forward "
+        "per generation batch on-policy (TRL computes no old log-probs then, and the whole-batch sequence KL of "
+        "every group member is needed before the batch is split), which its scoring ratio shows; generation, "
+        "which dominates a real step, is excluded here.",
         "",
         *section_overhead(out),
         "",
@@ -875,6 +887,41 @@ def render(out: Path) -> str:
     return "\n".join(parts)
 
 
+#: the README's cost lines: (library, measurement prefix, what it is)
+COST_LINES = (
+    ("trl", "overhead-trl-step-b", "TRL's on-policy step (scoring + compute_loss + backward, generation excluded)"),
+    ("core", "overhead-lm-head", "core step with an LM head"),
+    ("verl", "overhead-lm-head-loss-side", "verl's actor loss with an LM head"),
+    ("openrlhf", "overhead-lm-head-loss-side", "OpenRLHF's actor loss with an LM head"),
+)
+
+
+def cost_summary(rows: list[dict]) -> list[str]:
+    """One line per measured library: each mode's median time ratio to the unpatched step (range over lengths and
+    batches) next to the A/A control's p20-p80 band, the noise floor the ratio has to be read against."""
+    lines = []
+    for library, prefix, title in COST_LINES:
+        mine = [r for r in rows if r["library"] == library and r["what"].startswith(prefix)
+                and r["metric"] == "time_ratio_vs_unpatched"]
+        if not mine:
+            continue
+        control = [r for r in mine if "A/A control" in r["configuration"]]
+        floor = (f"noise floor {fmt(min(med(r, 'p20') for r in control), 3)}–{fmt(max(med(r, 'p80') for r in control), 3)}"
+                 if control else "no A/A control measured")
+        parts = []
+        for mode in ("k1-rtg-loss", "k1-in-reward"):
+            line = [r for r in mine if r["configuration"].split(":")[0] == mode]
+            if line:
+                low, high = min(med(r) for r in line), max(med(r) for r in line)
+                parts.append(f"{mode} {fmt(low, 3)}–{fmt(high, 3)}×" if fmt(low, 3) != fmt(high, 3)
+                             else f"{mode} {fmt(low, 3)}×")
+        xs = sorted({int(float(r["x"])) for r in mine})
+        batches = sorted({json.loads(r["config"]).get("batch") for r in mine})
+        lines.append(f"* {title}: {', '.join(parts)} ({floor}; lengths {xs[0]}–{xs[-1]}, batch "
+                     f"{'/'.join(str(b) for b in batches)})")
+    return lines
+
+
 def readme_summary(out: Path) -> str:
     """The README's block between the RESULTS markers: one picture, the machine and versions it was measured with,
     and the link to everything else (docs/results.md)."""
@@ -886,6 +933,10 @@ def readme_summary(out: Path) -> str:
     if (out / README_IMAGE).exists() or (_common.RESULTS / README_IMAGE).exists():
         lines += [f"![kl-patches check --library core: the relative error of each configuration's expected KL "
                   f"gradient, on- and off-policy, over a grid of policies]({IMAGES}/{README_IMAGE})", ""]
+    cost = cost_summary([r for r in every if r["what"].startswith("overhead-")])
+    if cost:
+        lines += ["Cost, patched / unpatched time of one step, median over interleaved repetitions in random order "
+                  "(CPU; [details](docs/results.md#3-overhead-benchmarksoverheadpy)):", "", *cost, ""]
     lines.append("Every table, plot and claim, measured through each library's own code: "
                  "[docs/results.md](docs/results.md)" + (f" (machine: {every[0]['machine']}; versions: "
                                                           f"{versions_line(every)})." if every else "."))
