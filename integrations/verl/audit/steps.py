@@ -36,14 +36,14 @@ BASE = (
     f"actor_rollout_ref.rollout.n={STEP_GROUP_SIZE}", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1", "algorithm.adv_estimator=grpo",
 )
+#: the engine's log-probs as mu: verl 0.9's default, not 0.8's (its rollout.calculate_log_probs defaults to False)
+ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=True",)
 RTG = ("actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
-       "actor_rollout_ref.actor.kl_loss_coef=1.0")
+       "actor_rollout_ref.actor.kl_loss_coef=1.0", *ENGINE_LOGP)
 IN_REWARD = ("algorithm.use_kl_in_reward=True", "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=1.0")
 DYNAMIC = ("actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=3")
-NO_ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=False",)
-#: the engine's log-probs as mu: verl 0.9's default, not 0.8's (its rollout.calculate_log_probs defaults to False)
-ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=True",)
+NO_ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=False",)  # after RTG: the later override wins
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def default_step_cells() -> list[StepCell]:
                               (*RTG, f"actor_rollout_ref.actor.loss_agg_mode={mode}"), K1_RTG_LOSS, EXACT_RTG,
                               EXACT_RTG_OFF))
     cells += [
-        StepCell("k1-rtg-loss step: engine/trainer mismatch 0.1, rollout log-probs", (*RTG, *ENGINE_LOGP), K1_RTG_LOSS,
+        StepCell("k1-rtg-loss step: engine/trainer mismatch 0.1, rollout log-probs", RTG, K1_RTG_LOSS,
                  "the engine's rollout_log_probs are mu: the trainer's differing old_log_probs do not enter the KL "
                  "term: exact.", EXACT_RTG_OFF, mismatch=0.1),
         StepCell("k1-rtg-loss step: engine/trainer mismatch 0.1, no rollout log-probs", (*RTG, *NO_ENGINE_LOGP),
@@ -203,7 +203,7 @@ def check_step_cells() -> list[StepCell]:
     log-probs or keeps token-mean under k1-in-reward is audited (and reported biased) by ``--config``."""
     return [
         StepCell("k1-rtg-loss step: verl defaults (balance_batch, token-mean), dp 2, engine/trainer mismatch 0.1, "
-                 "rollout log-probs", (*RTG, *ENGINE_LOGP), K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2,
+                 "rollout log-probs", RTG, K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2,
                  mismatch=0.1),
         StepCell("k1-rtg-loss step: dynamic batch sizes, dp 2, loss_agg_mode=seq-mean-token-sum-norm",
                  (*RTG, *DYNAMIC, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm"), K1_RTG_LOSS,

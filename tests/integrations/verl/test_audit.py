@@ -41,7 +41,7 @@ def test_records_cover_every_cell_on_and_off_policy(records):
     from kl_patches.integrations.verl.audit import check_step_cells, default_cells
 
     cells = default_cells()
-    assert len(records) == 2 * (len(cells) + len(check_step_cells())) and len(cells) >= 35
+    assert len(records) == 2 * (len(cells) + len(check_step_cells())) and len(cells) == 24 + 3 * OTHER_AGG_MODES
     assert {r.library for r in records} == {"verl"} and {r.library_version for r in records} == {installed_version("verl")}
     assert {r.policy for r in records} == {"on", "off"} and not any(r.user_config for r in records)
     assert not [r for r in records if r.verdict == "not covered"]
