@@ -190,11 +190,21 @@ def user_audit(args=(), config=None, spec=None):
 STEP_SPEC = PolicySpec(vocab=3, horizon=2)  # the step audit enumerates every ordered batch: a small policy
 
 
+def engine_logp_by_default() -> bool:
+    """verl 0.9's rollout.calculate_log_probs defaults to True, verl 0.8's to False."""
+    from kl_patches.integrations.verl.audit import load_user_config
+
+    return bool(load_user_config(None, []).actor_rollout_ref.rollout.calculate_log_probs)
+
+
 def test_user_overrides_low_var_kl_are_biased_and_the_fix_makes_them_exact():
     args = ["actor_rollout_ref.actor.kl_loss_type=low_var_kl", "actor_rollout_ref.actor.use_kl_loss=true"]
     got = user_audit(args)
+    # where verl's default leaves mu to the trainer's recomputation (0.8), the fix also asks for the engine's
+    fix = "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss" + (
+        "" if engine_logp_by_default() else " actor_rollout_ref.rollout.calculate_log_probs=True")
     for record in got.values():
-        assert record.verdict == "biased" and record.fix == "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss"
+        assert record.verdict == "biased" and record.fix == fix
         assert record.configuration.startswith("your configuration: actor.kl_loss_type=low_var_kl")
     fixed = user_audit(args + got["on"].fix.split())
     assert all(r.verdict == "exact" for r in fixed.values())
@@ -229,7 +239,8 @@ def test_user_config_with_both_kl_paths_applies_both_terms():
     args = ["actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
             "actor_rollout_ref.actor.kl_loss_coef=0.2", "algorithm.use_kl_in_reward=true",
             "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=0.3", "algorithm.adv_estimator=rloo",
-            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum", "data.train_batch_size=256"]
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum", "data.train_batch_size=256",
+            "actor_rollout_ref.rollout.calculate_log_probs=True"]  # verl 0.8's default is False
     got = user_audit(args, spec=STEP_SPEC)
     assert got["on"].verdict == "exact" and got["on"].placement == "reward+loss"
     assert got["off"].verdict == "biased"  # the reward-side term is on-policy only
@@ -280,7 +291,8 @@ def test_cli_exits_non_zero_for_a_biased_configuration_and_prints_the_override()
     assert "Fix: actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss" in result.stdout
     result = run_cli("check", "--library", "verl", "--vocab", "3", "--horizon", "2", "--json", "--",
                      "actor_rollout_ref.actor.use_kl_loss=true",
-                     "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss")
+                     "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
+                     "actor_rollout_ref.rollout.calculate_log_probs=True")  # verl 0.8's default is False
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)
     assert [r["verdict"] for r in rows] == ["exact", "exact"] and all(r["library"] == "verl" for r in rows)
