@@ -3,6 +3,7 @@ because their pins conflict (verl 0.9 needs transformers < 5.11, OpenRLHF 0.11 p
 
     python3 -m pip install nox && python3 -m nox        # everything, as CI runs it (.ci/run; the README's command)
     python3 -m nox -s core                              # one session
+    python3 -m nox -s lint                              # ruff + mypy (first: fast)
 
 Python 3.11 only: the package declares >= 3.10 (its sources compile on 3.10), but CI tests 3.11, the one
 interpreter its torch wheels exist for. docs/testing.md says how to test elsewhere, and on GPU machines.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["core", "trl", "verl", "verl-0.8", "openrlhf"]
+nox.options.sessions = ["lint", "core", "trl", "verl", "verl-0.8", "openrlhf"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -20,6 +21,15 @@ PYTHON = "3.11"
 # The torch version of the test environments, never a pin in the package itself. Which build (CPU, CUDA) pip
 # installs is pip's choice; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/<cpu|cu128> chooses it.
 CONSTRAINTS = ("-c", "ci/constraints.txt")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (the whole tree but benchmarks/) and mypy (the core, kl_patches/); configured in pyproject.toml. No torch
+    is installed: third-party imports are Any to mypy, so the session takes well under a minute."""
+    session.install("ruff==0.17.6", "mypy==2.4.1")  # pinned: a new release may flag new things; bump on purpose
+    session.run("ruff", "check", ".")
+    session.run("mypy")
 
 
 def install_torch(session: nox.Session) -> None:

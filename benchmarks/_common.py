@@ -151,9 +151,11 @@ class Rows:
         self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     def add(self, *, what: str, library: str, configuration: str, metric: str, unit: str, values,
-            x_name: str = "", x="", config: dict | None = None) -> None:
+            x_name: str = "", x="", config: dict | None = None, summary: tuple | None = None) -> None:
+        """``summary`` = (median, low, high) written as they are (e.g. a confidence interval), instead of the
+        median / p20 / p80 of ``values``."""
         values = [values] if isinstance(values, (int, float)) else list(values)
-        median, p20, p80 = quantiles(values)
+        median, p20, p80 = summary if summary is not None else quantiles(values)
         self.rows.append({
             "what": what, "library": library, "configuration": configuration, "metric": metric, "unit": unit,
             "x_name": x_name, "x": x, "median": compact(median), "p20": compact(p20), "p80": compact(p80),

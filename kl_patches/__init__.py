@@ -82,7 +82,8 @@ def disable(library: str) -> bool:
 
 def status() -> list[dict]:
     """What kl-patches does in this process, per library: installed and supported versions, the mode in effect,
-    where it came from and the patched targets (``kl-patches status`` prints it)."""
+    where it came from, the patched targets and the adapter's declared target table (``kl-patches status``
+    prints it; the table is known once the adapter's Integration is loaded)."""
     import sys
 
     from kl_patches.modes import mode_from_env
@@ -105,6 +106,8 @@ def status() -> list[dict]:
             "mode": mode,
             "environment": env_mode,
             "targets": [target for i in mine for target in i.applied_targets()],
+            # the adapter's declared table (module.owner.attribute, what it answers, when it can go)
+            "table": [row for i in mine for row in i.target_table()],
         })
     return rows
 

@@ -106,7 +106,7 @@ def run_check(args: argparse.Namespace, extra: Sequence[str]) -> tuple[list, lis
         try:
             adapter = importlib.import_module(f"kl_patches.integrations.{library}.audit")
             records.extend(adapter.audit(spec, config=args.config, args=list(extra)))
-        except Exception as err:  # the audit must say why a library could not be audited, not crash
+        except Exception as err:  # noqa: BLE001 - the audit must say why a library could not be audited, not crash
             errors.append(f"could not audit {library}: {type(err).__name__}: {err}")
     return records, errors
 
@@ -273,6 +273,10 @@ def show_status(args: argparse.Namespace) -> int:
         print(f"{row['library']:9} {installed:14} supported {row['supported']:14} {mode}")
         for target in row["targets"]:
             print(f"          patched: {target}")
+        for target in row.get("table", []):
+            modes = ", ".join(target["modes"]) if target["modes"] else "every mode"
+            print(f"          target:  {target['target']} ({modes})")
+            print(f"                   answers: {target['answers']}; remove when: {target['remove_when']}")
     print(f"KL_PATCHES_MODE: {rows[0]['environment'] or 'unset'}")
     return EXIT_OK
 

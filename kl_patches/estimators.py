@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
+from typing import TypeAlias
+
 import torch
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 
 def check_inputs(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> None:

@@ -21,12 +21,14 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+from typing import TypeAlias
+
 import torch
 
 from kl_patches import terms
 from kl_patches.estimators import check_inputs, masked
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 #: The default baseline of each mode, chosen by measurement (``benchmarks/variance.py``, docs/results.md): for the
 #: reward-to-go surrogate every leave-one-out baseline *raised* the exact variance in groups of 4 (on-policy
@@ -102,7 +104,7 @@ def group_statistics(
 
 
 def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):  # type: ignore[operator]
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 

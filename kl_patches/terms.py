@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Literal, Union
+from typing import Literal, TypeAlias, Union
 
 import torch
 
 from kl_patches.estimators import check_inputs, compute_dtype, masked, masked_log_ratio, max_exponent
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 Normalizer = Union[float, int, Literal["sequences", "tokens"]]
 #: ``"sequence-loo"``: the other members' mean sequence total (``"leave-one-out"`` is its older name);
 #: ``"position-loo"``: the other members' mean reward-to-go at the same position (k1-rtg-loss only);
@@ -191,7 +191,7 @@ def prefix_importance_weights(
     if truncation is not None:
         truncation = check_truncation(truncation)
         if truncation != math.inf:
-            cap = min(cap, math.log(truncation))
+            cap = min(cap, math.log(truncation))  # type: ignore[arg-type]  # not None: checked above
     if (truncation is None or math.log(truncation) > cap) and bool((mask & (log_rho > cap)).any()):
         fraction = float((mask & (log_rho > cap)).sum()) / max(int(mask.sum()), 1)
         warnings.warn(

@@ -29,7 +29,6 @@ target                                                 why (and when it can go)
 from __future__ import annotations
 
 import contextvars
-import importlib
 import logging
 import sys
 import types
@@ -41,7 +40,7 @@ import wrapt
 
 from kl_patches.integrations.openrlhf import SUPPORTED, kl
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, KLModeError, validate_mode
-from kl_patches.patching import MARKER, DeferredPatch, Integration, Patch, PatchError, Rebind
+from kl_patches.patching import MARKER, DeferredPatch, Integration, PatchError, Target
 
 logger = logging.getLogger("kl_patches.openrlhf")
 
@@ -112,35 +111,43 @@ class AfterLoadPatch(DeferredPatch):
     of ``module`` (a process whose first OpenRLHF import is ``ppo_actor``, which imports ``models.utils``, whose
     post-import hook enables the mode) patches once ``module`` has finished loading, not half-way through."""
 
-    def apply(self) -> None:
+    def apply(self) -> bool:
         loaded = sys.modules.get(self.module)
         if loaded is not None and _initializing(loaded):
             self.armed = True
             _when_loaded(self.module, self._apply_to)
-            return
-        super().apply()
+            return True
+        return super().apply()
 
 
 # ------------------------------------------------------------------------------------------ the integration
+
+NOT_LIBRARY = (K1_IN_REWARD, K1_RTG_LOSS)
+
+#: What is patched (``kl_patches.patching.Target`` rows), in ``k1-in-reward`` and ``k1-rtg-loss`` only: in
+#: ``library`` mode OpenRLHF's own KL is untouched and nothing is patched.
+TARGETS: tuple[Target, ...] = (
+    Target(UTILS_MODULE, None, "compute_approx_kl", "_compute_approx_kl_replacement",
+           "k1 in the reward / the k1 reward-to-go surrogate in the loss (OpenRLHF's estimators are per token)",
+           "OpenRLHF has a sequence-level KL option", rebind=LIBRARY_NAME, modes=NOT_LIBRARY),
+    Target(ACTOR_MODULE, TRAINER_CLASS, "training_step", "_training_step_replacement",
+           "gives the KL the experience (mu, mask) and the step's loss_batch_info; logs kl_patches/*",
+           "with the compute_approx_kl patch", deferred=True, modes=NOT_LIBRARY),
+)
+
 
 class OpenRLHFIntegration(Integration):
     library = LIBRARY_NAME
     distribution = LIBRARY_NAME
     supported = SUPPORTED
+    targets = TARGETS
+    deferred_patch = AfterLoadPatch
 
-    def build_patches(self, mode: str) -> list:
-        if mode == LIBRARY:
-            return []  # the library's own KL, untouched: nothing is patched
-        utils = importlib.import_module(UTILS_MODULE)
-        original = vars(utils).get("compute_approx_kl")
-        if original is None:
-            raise PatchError(f"{LIBRARY_NAME} {self.version}: expected {UTILS_MODULE}.compute_approx_kl; it is missing")
-        replacement = make_compute_approx_kl(self, original)
-        return [
-            Patch(utils, "compute_approx_kl", lambda _original: replacement, LIBRARY_NAME),
-            Rebind(LIBRARY_NAME, original, replacement),
-            AfterLoadPatch(ACTOR_MODULE, TRAINER_CLASS, "training_step", make_training_step, LIBRARY_NAME),
-        ]
+    def _compute_approx_kl_replacement(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        return make_compute_approx_kl(self, original)
+
+    def _training_step_replacement(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        return make_training_step(original)
 
 
 def make_compute_approx_kl(integration: OpenRLHFIntegration, original):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from kl_patches.integrations.trl import SUPPORTED, kl
 from kl_patches.integrations.trl import config as trl_config
-from kl_patches.patching import DeferredPatch, Integration, Patch, PatchError
+from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS
+from kl_patches.patching import AnyPatch, Integration, PatchError, Target
 
 logger = logging.getLogger("kl_patches.trl")
 
@@ -26,19 +26,11 @@ GRPO_MODULE = "trl.trainer.grpo_trainer"
 RLOO_MODULE = "trl.trainer.rloo_trainer"
 
 
-@dataclass(frozen=True)
-class Target:
-    """One patched method: where it lives, what replaces it, why, and when the patch can go."""
+NOT_LIBRARY = (K1_IN_REWARD, K1_RTG_LOSS)
 
-    module: str
-    owner: str
-    attribute: str
-    factory: str  # name of the TRLIntegration method building the replacement from the original
-    why: str
-    remove_when: str
-
-
-TARGETS = (
+#: What is patched: one row per object (``kl_patches.patching.Target``: module, owner, attribute, the
+#: TRLIntegration method building the replacement from the original, what it answers, when it can go).
+TARGETS: tuple[Target, ...] = (
     Target(GRPO_MODULE, "GRPOTrainer", "_generate_and_score_completions", "_score_replacement",
            "k1-in-reward needs every group member's sequence KL before TRL shuffles and splits the batch",
            "TRL offers a KL-in-reward option with a whole-batch baseline"),
@@ -48,6 +40,10 @@ TARGETS = (
     Target(GRPO_MODULE, "GRPOTrainer", "compute_loss", "_compute_loss_replacement",
            "a subclass overriding _compute_loss (e.g. GMPOTrainer) would bypass the patch silently",
            "never: it is the guard"),
+    # RLOOTrainer is not patched: its constructor only says so, once (behaviour unchanged).
+    Target(RLOO_MODULE, "RLOOTrainer", "__init__", "_rloo_init_replacement",
+           "RLOOTrainer's KL is already k1 in the reward with a leave-one-out baseline: say it is left alone",
+           "never: it only warns", deferred=True, modes=NOT_LIBRARY),
 )
 
 _RLOO_SAID: set[str] = set()
@@ -70,24 +66,15 @@ class TRLIntegration(Integration):
     library = "trl"
     distribution = "trl"
     supported = SUPPORTED
+    targets = TARGETS
 
-    def build_patches(self, mode: str) -> list[Patch | DeferredPatch]:
-        import importlib
-
+    def build_patches(self, mode: str) -> list[AnyPatch]:
         if mode != "library" and trl_config.unsloth_installed():
             raise PatchError(
                 f"trl {kl.trl_version()}: Unsloth is installed in this environment; it replaces GRPOTrainer's loss "
                 f"with its own compiled copy, which kl-patches mode {mode!r} cannot reach (kl-patches issue 14). "
                 f"Run without Unsloth, or use kl_mode='library'.")
-        patches = []
-        for target in TARGETS:
-            owner = getattr(importlib.import_module(target.module), target.owner)
-            patches.append(Patch(owner, target.attribute, getattr(self, target.factory), self.library))
-        if mode != "library":
-            # RLOOTrainer is not patched: its constructor only says so, once (behaviour unchanged).
-            patches.append(DeferredPatch(RLOO_MODULE, "RLOOTrainer", "__init__", self._rloo_init_replacement,
-                                         self.library))
-        return patches
+        return super().build_patches(mode)
 
     # Each replacement reads ``self.mode`` when called, so one set serves every mode; an instance of kl-patches'
     # own GRPOTrainer subclass applies its config's mode itself and passes straight through here.

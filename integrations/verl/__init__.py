@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from kl_patches.modes import LIBRARY
-from kl_patches.patching import Patch, PatchError
+from kl_patches.patching import Patch
 
 from kl_patches.integrations.verl.patches import SUPPORTED, TARGETS, VerlIntegration, make_refusal_guard
 from kl_patches.integrations.verl.config import (

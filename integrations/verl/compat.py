@@ -27,7 +27,7 @@ import contextlib
 import functools
 
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from kl_patches import patching
 
@@ -103,7 +103,12 @@ def check_version(version: str | None = None) -> str:
 def has_module(module: str, version: str) -> bool:
     """Whether ``module`` (a target module) exists in verl ``version``."""
     spec = VERSION_MODULES.get(module)
-    return spec is None or Version(version) in SpecifierSet(spec, prereleases=True)
+    if spec is None:
+        return True
+    try:
+        return Version(version) in SpecifierSet(spec, prereleases=True)
+    except InvalidVersion:  # verl not installed: every row (enable() refuses before patching anyway)
+        return True
 
 
 def line(version: str) -> str:

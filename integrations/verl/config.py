@@ -143,7 +143,8 @@ def check_value(key: str, value: Any, flag_on: bool, ours: str) -> None:
         suggestion = ours
     raise KLModeError(
         f"{key}={text!r} is not a value verl or kl-patches knows; did you mean {key}={suggestion}? "
-        f"(kl-patches values: {LOSS_KEY}={LOSS_VALUE}, {REWARD_KEY}={REWARD_VALUE}; verl's: {', '.join(VERL_KL_VALUES)})"
+        f"(kl-patches values: {LOSS_KEY}={LOSS_VALUE}, {REWARD_KEY}={REWARD_VALUE}; "
+        f"verl's: {', '.join(VERL_KL_VALUES)})"
     )
 
 

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 
 from kl_patches.estimators import masked_log_ratio
-from kl_patches.modes import LIBRARY, KLModeError, validate_mode
-from kl_patches.patching import Integration, Patch, PatchError, Rebind
+from kl_patches.modes import LIBRARY, KLModeError
+from kl_patches.patching import DeferredPatch, Integration, PatchError, Target
 
 from kl_patches.integrations.verl.kl import (
     MU_ROLLOUT,
@@ -250,99 +250,72 @@ def make_validate_config(original: Callable) -> Callable:
     return validate_config
 
 
-#: module -> [(attribute, replacement factory)]; the module is the one that defines the attribute.
-TARGETS: dict[str, list[tuple[str, Callable]]] = {
-    "verl.utils.config": [("validate_config", make_validate_config)],
-    "verl.trainer.ppo.core_algos": [("kl_penalty", make_kl_penalty_guard)],
-    "verl.workers.utils.losses": [("ppo_loss", make_ppo_loss)],
-    "verl.trainer.ppo.ray_trainer": [
-        ("apply_kl_penalty", make_apply_kl_penalty),
-        ("compute_advantage", make_compute_advantage),
-    ],
-    "verl.trainer.ppo.v1.utils": [  # verl 0.9 (compat.VERSION_MODULES)
-        ("compute_advantage_for_multi_trajectories", make_multi_trajectory_advantage),
-    ],
-    "verl.trainer.main_ppo_sync": [  # verl 0.8: the same function, defined in the agent-session trainer
-        ("compute_advantage_for_multi_trajectories", make_multi_trajectory_advantage),
-    ],
-}
+KL_GRADIENTS = "docs/kl-gradients.md"
+REMOVE = "verl offers a sequence-level KL value (or kl-patches drops this verl version)"
+
+#: What is patched (verl 0.9.x): each row's module is the one that defines the attribute; every ``from x import f``
+#: copy under ``verl`` is rebound. Patched when the module is imported (post-import hooks), in every process.
+TARGETS: tuple[Target, ...] = (
+    Target("verl.utils.config", None, "validate_config", make_validate_config,
+           "driver-side checks of the kl-patches values before any Ray work; fixed settings for the workers",
+           REMOVE, rebind="verl", deferred=True),
+    Target("verl.trainer.ppo.core_algos", None, "kl_penalty", make_kl_penalty_guard,
+           "a kl-patches value reaching verl's per-token kl_penalty() raises a clear error (guard)",
+           "never: it is the guard", rebind="verl", deferred=True),
+    Target("verl.workers.utils.losses", None, "ppo_loss", make_ppo_loss,
+           f"kl_loss_type=k1-rtg-loss: verl's per-token KL losses are biased ({KL_GRADIENTS} section 3)",
+           REMOVE, rebind="verl", deferred=True),
+    Target("verl.trainer.ppo.ray_trainer", None, "apply_kl_penalty", make_apply_kl_penalty,
+           "kl_penalty=k1-in-reward: no per-token KL in the reward (the estimator would normalise it)",
+           REMOVE, rebind="verl", deferred=True),
+    Target("verl.trainer.ppo.ray_trainer", None, "compute_advantage", make_compute_advantage,
+           "kl_penalty=k1-in-reward: -beta*(KL_i - b_i) added after the estimator, b_i over whole uid groups",
+           REMOVE, rebind="verl", deferred=True),
+    Target("verl.trainer.ppo.v1.utils", None, "compute_advantage_for_multi_trajectories",
+           make_multi_trajectory_advantage, "kl_penalty=k1-in-reward for agent sessions with several outputs",
+           REMOVE, rebind="verl", deferred=True),
+    # verl 0.8: the same function, defined in its agent-session trainer (compat.VERSION_MODULES picks the row)
+    Target("verl.trainer.main_ppo_sync", None, "compute_advantage_for_multi_trajectories",
+           make_multi_trajectory_advantage, "kl_penalty=k1-in-reward for agent sessions with several outputs (0.8)",
+           "kl-patches drops verl 0.8", rebind="verl", deferred=True),
+)
 
 
 # ------------------------------------------------------------------------------------------ integration
 
 
 class VerlIntegration(Integration):
-    """verl's adapter. ``enable()`` registers a post-import hook per target module (firing at once for
-    modules already imported); each hook patches its module and rebinds the copies. Idempotent; ``disable()``
-    restores every original by identity. The patches act only on the kl-patches values, so the one mode
-    ``enable`` accepts is ``library``: the kl-patches term is chosen per run by verl's own configuration."""
+    """verl's adapter. ``enable()`` arms every :data:`TARGETS` row: patched at once for a module already
+    imported, else by a post-import hook when verl imports it; each patch rebinds its copies. Idempotent;
+    ``disable()`` restores every original by identity. The patches act only on the kl-patches values, so the one
+    mode ``enable`` accepts is ``library``: the kl-patches term is chosen per run by verl's own configuration."""
 
     library = "verl"
     distribution = "verl"
     supported = SUPPORTED
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._hooks_registered = False
-        self._version = "unknown"
-
-    def build_patches(self, mode: str) -> list:  # patches are built per module, when it is imported
-        return []
+    accepted_modes = (LIBRARY,)
 
     def check_version(self) -> str:  # a union of release lines: one SpecifierSet cannot hold it
         return compat.check_version()
 
+    @property
+    def targets(self) -> tuple[Target, ...]:  # type: ignore[override]
+        """The :data:`TARGETS` rows whose module exists in the installed verl (``compat.VERSION_MODULES``)."""
+        version = self.version
+        return tuple(target for target in TARGETS if compat.has_module(target.module, version))
+
     def target_modules(self) -> list[str]:
-        """The target modules that exist in the installed verl version."""
-        return [name for name in TARGETS if compat.has_module(name, self._version)]
+        """The target modules of the installed verl version."""
+        return list(dict.fromkeys(target.module for target in self.targets))
 
-    def enable(self, mode: str = LIBRARY) -> bool:
-        validate_mode(mode)
-        if mode != LIBRARY:
-            raise KLModeError(
-                f"verl selects the KL term per run from its own configuration, not with enable({mode!r}): "
+    def mode_refusal(self, mode: str) -> str:
+        return (f"verl selects the KL term per run from its own configuration, not with enable({mode!r}): "
                 f"set {LOSS_OVERRIDES} (loss side) or {REWARD_OVERRIDES} (reward side). "
-                f"The plugin (installed with kl-patches) already patched verl in every process."
-            )
-        with self._lock:
-            if self.mode is not None:
-                return False
-            self._version = self.check_version()  # read once: hooks run under the import lock
-            self.mode = mode
-            try:
-                self._hook_modules()
-            except BaseException:
-                self.disable()
-                raise
-            return True
-
-    def _hook_modules(self) -> None:
-        if not self._hooks_registered:
-            import wrapt
-
-            self._hooks_registered = True
-            for module_name in self.target_modules():  # fires right away for a module already imported
-                wrapt.register_post_import_hook(self.patch_module, module_name)
-        else:  # hooks fire once per module: after a disable(), patch the modules already imported here
-            for module_name in self.target_modules():
-                if sys.modules.get(module_name) is not None:
-                    self.patch_module(sys.modules[module_name])
-
-    def patch_module(self, module) -> None:
-        """Patch the targets ``module`` defines and rebind their copies in every loaded verl module."""
-        with self._lock:
-            if self.mode is None:
-                return
-            for attribute, factory in TARGETS[module.__name__]:
-                patch = Patch(module, attribute, factory, self.library, self._version)
-                if not patch.apply():
-                    continue
-                rebind = Rebind("verl", patch.original, patch.replacement)
-                rebind.apply()
-                self._applied.extend([patch, rebind])
+                f"The plugin (installed with kl-patches) already patched verl in every process.")
 
     def patched_targets(self) -> list[str]:
-        return [item.target for item in self._applied if isinstance(item, Patch)]
+        return [item.patch.target for item in self._applied
+                if isinstance(item, DeferredPatch) and item.patch is not None and item.patch.applied]
 
 
 def make_refusal_guard(message: str) -> Callable[[Callable], Callable]:

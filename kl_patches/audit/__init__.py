@@ -1,5 +1,6 @@
 """The exact gradient audit: enumerate every response of a tiny policy and compare E[grad loss] to grad KL_seq."""
 
+from kl_patches.audit.cells import GROUP_SIZE, Cell
 from kl_patches.audit.engine import (
     EXACT_TOLERANCE,
     AuditBatch,
@@ -26,6 +27,8 @@ from kl_patches.audit.records import AuditRecord, audit_record
 
 __all__ = [
     "EXACT_TOLERANCE",
+    "GROUP_SIZE",
+    "Cell",
     "AuditBatch",
     "AuditProblem",
     "AuditRecord",

@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, TypeAlias
 
 import torch
 
 from kl_patches.audit.policies import EnumerablePolicy, PolicySpec, build_policy, enumerate_responses
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 #: Relative error below which a cell is "exact": float64 rounding over a few thousand terms is ~1e-14;
 #: every biased cell of the taxonomy is above 1e-3 on the default policies.
@@ -98,14 +98,30 @@ class AuditBatch:
 LossFn = Callable[[AuditBatch], Tensor]
 
 
-def per_group(scalar_loss: Callable[[AuditBatch], Tensor]) -> LossFn:
+def per_group(scalar_loss: Callable[[AuditBatch], Tensor], *, order_invariant: bool = False) -> LossFn:
     """Turn a loss of one training batch (a scalar, e.g. a library's loss function) into the audit's
-    per-group form by calling it on each group separately."""
+    per-group form by calling it on each group separately.
+
+    ``order_invariant=True`` computes each *set* of responses once: the enumerated groups are ordered tuples, and
+    when the library's computation on a group is invariant to the order of its rows (normalisers, group statistics
+    over a uid, leave-one-out baselines, batch whitening), a group and its permutations give the same loss. The
+    adapter's tests must check this against the plain form."""
 
     def loss(batch: AuditBatch) -> Tensor:
         return torch.stack([scalar_loss(batch.group(g)).reshape(()) for g in range(batch.num_groups)])
 
-    return loss
+    def cached(batch: AuditBatch) -> Tensor:
+        cache: dict[tuple, Tensor] = {}
+        size = batch.group_size
+        out = []
+        for g in range(batch.num_groups):
+            key = tuple(sorted(batch.rows[g * size:(g + 1) * size].tolist()))
+            if key not in cache:
+                cache[key] = scalar_loss(batch.group(g)).reshape(())
+            out.append(cache[key])
+        return torch.stack(out)
+
+    return cached if order_invariant else loss
 
 
 def flat_grad(output: Tensor, parameters: list[Tensor], retain_graph: bool = False) -> Tensor:
@@ -158,6 +174,7 @@ def enumerated_logprobs(problem: AuditProblem) -> tuple[Tensor, Tensor, Tensor, 
     with torch.no_grad():
         ref_logp = problem.reference.token_logprobs(problem.tokens, problem.mask)
         sampler = problem.policy if problem.on_policy else problem.behaviour
+        assert sampler is not None  # an off-policy problem carries its behaviour policy
         behaviour_logp = sampler.token_logprobs(problem.tokens, problem.mask)
     return logp, ref_logp, behaviour_logp, behaviour_logp.sum(dim=-1).exp()
 
@@ -240,8 +257,10 @@ def step_batch(problem: AuditProblem, rows: Tensor, group_size: int,
     if detached is None:
         with torch.no_grad():
             ref_logp = problem.reference.token_logprobs(tokens, mask)
+            behaviour = problem.behaviour
+            assert problem.on_policy or behaviour is not None  # an off-policy problem carries its behaviour policy
             behaviour_logp = (logp.detach() if problem.on_policy
-                              else problem.behaviour.token_logprobs(tokens, mask))
+                              else behaviour.token_logprobs(tokens, mask))  # type: ignore[union-attr]
     else:
         ref_logp = detached[0][rows]
         behaviour_logp = logp.detach() if problem.on_policy else detached[1][rows]

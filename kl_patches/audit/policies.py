@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 from torch import nn
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ def audit_record(
             raise ValueError("pass loss_fn or step_fn, not both")
         estimate = expected_step_gradient(problem, step_fn, num_groups=num_groups, group_size=group_size)
         spec_extra = {"step": True, "num_groups": num_groups, **spec_extra}
+    elif loss_fn is None:
+        raise ValueError("pass loss_fn or step_fn")
     else:
         estimate = expected_gradient(problem, loss_fn, group_size)
     result = compare(estimate, truth, scale)

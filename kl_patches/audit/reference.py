@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeAlias
 
 import torch
 
 from kl_patches import estimators, terms
+from kl_patches.audit.cells import Cell
 from kl_patches.audit.engine import AuditBatch, AuditProblem, build_problem, exact_kl_gradient
 from kl_patches.audit.policies import PolicySpec
 from kl_patches.audit.records import AuditRecord, audit_record
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
-Tensor = torch.Tensor
+Tensor: TypeAlias = torch.Tensor
 
 TRUNCATION = 1.0  # the truncation level audited for the truncated k1-rtg-loss cell
 
@@ -124,8 +125,7 @@ def token_only_ratio_rtg(batch: AuditBatch) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ReferenceCell:
-    configuration: str
+class ReferenceCell(Cell):
     estimator: str
     placement: str
     loss: Callable[[AuditBatch], Tensor]
@@ -174,7 +174,8 @@ CELLS: tuple[ReferenceCell, ...] = (
                   "the full gradient of E[sum k3] = grad KL_seq: exact (higher variance).",
                   "the reward part is reweighted per token only and the loss part not at all: biased off-policy."),
     ReferenceCell("k1 in reward, seq-mean-token-mean", "k1", "reward", in_reward("k1", per_sequence_mean=True),
-                  "weights response i by 1/|y_i|: the gradient of a length-weighted objective, biased once lengths differ.",
+                  "weights response i by 1/|y_i|: the gradient of a length-weighted objective, "
+                  "biased once lengths differ.",
                   "length-weighted and reweighted per token only.",
                   fix="a batch-constant normaliser (token sum / sequence mean), or kl-patches k1-rtg-loss"),
     ReferenceCell("k3 in loss, seq-mean-token-mean", "k3", "loss", in_loss("k3", per_sequence_mean=True),
@@ -228,8 +229,7 @@ STEP_VOCAB, STEP_HORIZON = 2, 3
 
 
 @dataclass(frozen=True)
-class StepCell:
-    configuration: str
+class StepCell(Cell):
     statistics: str  # "whole-batch" (group_statistics before the split) or "micro-batch" (inside each split)
     baseline: str
     normalizer: str  # "fixed" (sequences x max length) or "tokens" (the realised token count)
@@ -312,7 +312,7 @@ def run_steps(spec: PolicySpec, regimes: tuple[str, ...] = ("on", "off")) -> lis
                 library="core", library_version=kl_patches.__version__, configuration=cell.configuration,
                 estimator="k1", placement="loss", mode=cell.mode, truth=truth, fix=cell.fix,
                 scale=1.0 / (problem.tokens.shape[1] if fixed else mean_length),
-                reason=cell.reason_on if regime == "on" else cell.reason_off,
+                reason=cell.reason(regime == "on"),
                 micro_batch=STEP_MICRO_BATCH, order="sorted by length",
             ))
     return records
@@ -341,7 +341,7 @@ def run_reference(spec: PolicySpec, cells: tuple[ReferenceCell, ...] = CELLS,
                 problem, cell.loss, library="core", library_version=kl_patches.__version__,
                 configuration=cell.configuration, estimator=cell.estimator, placement=cell.placement,
                 mode=cell.mode, group_size=cell.group_size, truth=truth, fix=cell.fix,
-                reason=cell.reason_on if regime == "on" else cell.reason_off,
+                reason=cell.reason(regime == "on"),
             ))
     if steps:
         records.extend(run_steps(spec, regimes))

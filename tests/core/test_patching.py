@@ -72,7 +72,7 @@ def test_rebind_copies_imported_by_name_and_revert():
 
 
 def test_require_version():
-    assert require_version("pytest", ">=1") 
+    assert require_version("pytest", ">=1")
     with pytest.raises(PatchError, match=r"pytest .* is not supported by kl-patches \(supported: pytest<1\)"):
         require_version("pytest", "<1")
     with pytest.raises(PatchError, match="not installed"):
@@ -168,3 +168,95 @@ def test_deferred_patch_applies_when_the_module_is_imported_and_reverts():
             missing.apply()
     finally:
         del sys.modules["demo_deferred_mod"]
+
+
+def test_every_primitive_satisfies_the_protocol_and_reports_a_change_as_a_bool():
+    from kl_patches.patching import DeferredPatch, Primitive
+
+    Trainer = make_target()
+    module = types.ModuleType("kl_patches_protocol_demo")
+    module.compute_loss = Trainer.compute_loss
+    sys.modules[module.__name__] = module
+    try:
+        patch = Patch(Trainer, "compute_loss", wrap, library="demo")
+        assert patch.apply() is True
+        rebind = Rebind("kl_patches_protocol_demo", patch.original, patch.replacement)
+        deferred = DeferredPatch("kl_patches_never_imported_demo", None, "f", wrap, library="demo")
+        for primitive in (patch, rebind, deferred):
+            assert isinstance(primitive, Primitive)
+        assert rebind.apply() is True and rebind.apply() is False  # nothing left to rebind
+        assert deferred.apply() is True and deferred.apply() is False
+        assert rebind.revert() is True and module.compute_loss is patch.original
+        assert deferred.revert() is True and deferred.revert() is False
+        assert patch.revert() is True and patch.revert() is False
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_integration_consumes_a_target_table_with_rebind_deferred_and_modes():
+    from kl_patches.modes import KLModeError
+    from kl_patches.patching import Target
+
+    owner = types.ModuleType("kl_patches_table_demo")
+    owner.kl = lambda: "kl"
+    copy = types.ModuleType("kl_patches_table_demo.copy")
+    copy.kl = owner.kl
+    original = owner.kl
+    sys.modules[owner.__name__], sys.modules[copy.__name__] = owner, copy
+
+    class Demo(Integration):
+        library = distribution = "pytest"
+        supported = ">=1"
+        accepted_modes = ("library", "k1-rtg-loss")
+        targets = (
+            Target(owner.__name__, None, "kl", "_kl", "the demo KL is biased", "never", rebind=owner.__name__),
+            Target("kl_patches_table_demo_later", "Trainer", "step", lambda f: f, "a deferred row", "never",
+                   deferred=True, modes=("k1-rtg-loss",)),
+        )
+
+        def _kl(self, original):
+            return lambda: "patched " + original()
+
+    demo = Demo()
+    try:
+        with pytest.raises(KLModeError, match="accepts the modes library, k1-rtg-loss, not 'k1-in-reward'"):
+            demo.enable("k1-in-reward")
+        assert demo.enable("library") is True
+        assert owner.kl() == "patched kl" and copy.kl is owner.kl  # the copy rebound to the same object
+        assert len(demo.applied_targets()) == 2  # the deferred row is not for this mode
+        assert [row["target"] for row in demo.target_table()] == ["kl_patches_table_demo.kl",
+                                                                  "kl_patches_table_demo_later.Trainer.step"]
+        assert demo.enable("k1-rtg-loss") is True and len(demo.applied_targets()) == 3
+        assert "waiting for the module to load" in demo.applied_targets()[-1]
+        assert demo.disable() is True
+        assert owner.kl is original and copy.kl is original
+    finally:
+        demo.disable()
+        del sys.modules[owner.__name__], sys.modules[copy.__name__]
+
+
+def test_refused_version_says_what_to_do():
+    with pytest.raises(PatchError, match=r"Pin a verified release \(pip install 'pytest<1'\).*mode 'library'"):
+        require_version("pytest", "<1")
+
+
+def test_per_group_order_invariant_matches_the_plain_form_and_assert_close_names_the_first_mismatch():
+    import torch
+
+    from kl_patches.audit import PolicySpec, build_problem, expected_gradient, per_group
+    from kl_patches.audit.tolerances import SAME_OPERATIONS, assert_close
+
+    problem = build_problem(PolicySpec(vocab=3, horizon=2), off_policy=False)
+    calls = []
+
+    def scalar(batch):
+        calls.append(1)
+        return (batch.logp * batch.mask).sum() * batch.ref_logp.sum().detach()
+
+    plain = expected_gradient(problem, per_group(scalar), 2).gradient
+    n_plain, calls[:] = len(calls), []
+    cached = expected_gradient(problem, per_group(scalar, order_invariant=True), 2).gradient
+    assert len(calls) < n_plain
+    assert_close(cached, plain, **SAME_OPERATIONS)
+    with pytest.raises(AssertionError, match=r"1 of 3 elements differ .* first at \(1,\): actual 2\.5"):
+        assert_close(torch.tensor([1.0, 2.5, 3.0]), torch.tensor([1.0, 2.0, 3.0]), rtol=0.0, atol=1e-15)

@@ -25,6 +25,7 @@ from kl_patches.audit.engine import (
 )
 from kl_patches.audit.policies import PolicySpec
 from kl_patches.audit.reference import policy_gradient
+from kl_patches.audit.tolerances import ENUMERATION_REL, SAME_OPERATIONS, assert_close
 
 f64 = torch.float64
 SPEC = PolicySpec(vocab=3, horizon=2, seed=5, distance=0.8, staleness=0.6)
@@ -71,7 +72,7 @@ def test_rtg_step_exact_for_any_order_and_split(problem, baseline, order, micro_
                                           num_groups=1, group_size=3)
     assert estimate.exact
     result = compare(estimate, truth, scale=1.0 / SPEC.horizon)
-    assert result.rel_err < 1e-12, (baseline, order, micro_batch, result)
+    assert result.rel_err < ENUMERATION_REL, (baseline, order, micro_batch, result)
 
 
 @pytest.mark.parametrize("baseline", ["position-loo"])
@@ -80,7 +81,7 @@ def test_rtg_step_exact_with_groups_split_across_micro_batches(problem, baseline
     truth = exact_kl_gradient(problem)
     estimate = expected_step_gradient(problem, rtg_step(problem, baseline, "sorted by length", 1,
                                                         use_policy_logp=True), num_groups=2, group_size=2)
-    assert compare(estimate, truth, scale=1.0 / SPEC.horizon).rel_err < 1e-12
+    assert compare(estimate, truth, scale=1.0 / SPEC.horizon).rel_err < ENUMERATION_REL
 
 
 def test_micro_batch_local_baseline_is_biased_under_length_sorting():
@@ -132,7 +133,7 @@ def test_k1_in_reward_whole_batch_baseline_exact_for_any_split():
         return accumulated_grad(parameters)
 
     estimate = expected_step_gradient(problem, step, num_groups=2, group_size=2)
-    assert compare(estimate, exact_kl_gradient(problem)).rel_err < 1e-12
+    assert compare(estimate, exact_kl_gradient(problem)).rel_err < ENUMERATION_REL
 
 
 def test_group_statistics_columns():
@@ -142,11 +143,11 @@ def test_group_statistics_columns():
     groups = torch.tensor([7, 7, 3])
     with pytest.warns(terms.KLPatchesWarning, match="group of one"):
         stats = statistics.group_statistics(logp, ref, mask, groups, rtg_baseline="position-loo")
-    assert torch.allclose(stats.sequence_kl, torch.tensor([-0.5, 0.5, -0.2], dtype=f64), atol=1e-15)
-    assert torch.allclose(stats.reward_baseline, torch.tensor([0.5, -0.5, 0.0], dtype=f64), atol=1e-15)
+    assert_close(stats.sequence_kl, torch.tensor([-0.5, 0.5, -0.2], dtype=f64), **SAME_OPERATIONS)
+    assert_close(stats.reward_baseline, torch.tensor([0.5, -0.5, 0.0], dtype=f64), **SAME_OPERATIONS)
     # position t=0: the other member's reward-to-go there; t=1: row 1 has ended, so row 0 has no active other
-    assert torch.allclose(stats.rtg_baseline, torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.0]], dtype=f64),
-                          atol=1e-15)
+    assert_close(stats.rtg_baseline, torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.0]], dtype=f64),
+                 **SAME_OPERATIONS)
     assert set(stats.columns()) == {statistics.SEQUENCE_KL, statistics.REWARD_BASELINE, statistics.RTG_BASELINE}
     assert torch.equal(stats.select(torch.tensor([2, 0])).sequence_kl, stats.sequence_kl[[2, 0]])
     none = statistics.group_statistics(logp, ref, mask, None, reward_baseline="none", rtg_baseline="none")

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kl_patches import terms
+from kl_patches.audit.tolerances import REORDERED, SAME_OPERATIONS, assert_close
 
 f64 = torch.float64
 
@@ -23,9 +24,9 @@ def test_kl_advantage_is_minus_beta_times_centred_sequence_kl():
     mask = torch.tensor([[True, True], [True, False]])
     # sequence KL: 0.5 - 1.0 = -0.5 ; 0.5 ; baselines 0.5 and -0.5
     adv = terms.kl_advantage(logp, ref, mask, beta=0.1, group_ids=torch.tensor([0, 0]))
-    assert torch.allclose(adv, torch.tensor([0.1, -0.1], dtype=f64), rtol=0, atol=1e-15)
+    assert_close(adv, torch.tensor([0.1, -0.1], dtype=f64), **SAME_OPERATIONS)
     no_baseline = terms.kl_advantage(logp, ref, mask, beta=0.1, baseline="none")
-    assert torch.allclose(no_baseline, torch.tensor([0.05, -0.05], dtype=f64), rtol=0, atol=1e-15)
+    assert_close(no_baseline, torch.tensor([0.05, -0.05], dtype=f64), **SAME_OPERATIONS)
 
 
 def test_rtg_coefficients_on_policy_by_hand():
@@ -44,9 +45,9 @@ def test_rtg_coefficients_off_policy_by_hand():
     coef = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, baseline="none")
     r1, r12 = torch.exp(torch.tensor(0.5, dtype=f64)), torch.exp(torch.tensor(-0.5, dtype=f64))
     expected = torch.stack([r1 * 1 + r12 * -1, r12 * -1]).reshape(1, 2)
-    assert torch.allclose(coef, expected, rtol=0, atol=1e-15)
+    assert_close(coef, expected, **SAME_OPERATIONS)
     truncated = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, baseline="none", truncation=1.0)
-    assert torch.allclose(truncated, torch.stack([1 - r12, -r12]).reshape(1, 2), rtol=0, atol=1e-15)
+    assert_close(truncated, torch.stack([1 - r12, -r12]).reshape(1, 2), **SAME_OPERATIONS)
 
 
 def test_rtg_loss_gradient_is_logprob_gradient_times_coefficient():
@@ -57,7 +58,7 @@ def test_rtg_loss_gradient_is_logprob_gradient_times_coefficient():
     loss = terms.kl_rtg_loss(logp, ref, mask, beta=0.5, group_ids=groups, normalizer=4.0)
     loss.backward()
     coef = terms.rtg_coefficients(logp, ref, mask, group_ids=groups)
-    assert torch.allclose(logp.grad, 0.5 / 4.0 * coef, rtol=0, atol=1e-15)
+    assert_close(logp.grad, 0.5 / 4.0 * coef, **SAME_OPERATIONS)
     assert logp.grad[1, 2] == 0
 
 
@@ -94,10 +95,10 @@ def test_padding_never_leaks_on_either_side(off_policy):
     ref_left, _ = _shift_left_padded(ref, mask, float("nan"))
     bh_left = _shift_left_padded(behaviour, mask, 7.0)[0] if off_policy else None
     left = loss_and_grad(lp_left, ref_left, bh_left, mask_left)
-    assert torch.allclose(right[0], left[0], rtol=0, atol=1e-14)
-    assert torch.allclose(right[2], left[2], rtol=0, atol=1e-14)
+    assert_close(right[0], left[0], **REORDERED)
+    assert_close(right[2], left[2], **REORDERED)
     assert (right[1][~mask] == 0).all() and (left[1][~mask_left] == 0).all()
-    assert torch.allclose(right[1][mask], left[1][mask_left], rtol=0, atol=1e-14)
+    assert_close(right[1][mask], left[1][mask_left], **REORDERED)
 
 
 def test_errors_are_clear():
@@ -173,6 +174,6 @@ def test_precomputed_baseline_tensor_matches_leave_one_out_and_is_checked():
     given = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, baseline=b)
     loo = terms.rtg_coefficients(logp, ref, mask, behaviour_logp=behaviour, group_ids=groups,
                                  baseline="sequence-loo")
-    assert torch.allclose(given, loo, rtol=0, atol=1e-15)
+    assert_close(given, loo, **SAME_OPERATIONS)
     with pytest.raises(ValueError, match=r"baseline tensor must have shape \(4,\) or \(4, 3\)"):
         terms.rtg_coefficients(logp, ref, mask, baseline=b[:3])

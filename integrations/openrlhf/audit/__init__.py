@@ -111,7 +111,7 @@ def _loss_record(problem, truth, cell: Cell, notes: list[str]) -> AuditRecord:
     record = audit_record(
         problem, loss, library=LIBRARY_NAME, library_version=installed_version(LIBRARY_NAME) or "?",
         configuration=cell.configuration, estimator=cell.estimator, placement=cell.placement,
-        reason=cell.reason_on if problem.on_policy else cell.reason_off, mode=cell.mode, group_size=GROUP_SIZE,
+        reason=cell.reason(problem.on_policy), mode=cell.mode, group_size=GROUP_SIZE,
         truth=truth, fix=cell.fix, notes=list(notes), argv=list(cell.argv))
     if record.verdict == "exact":  # only a step audit may certify a configuration
         record.verdict, record.fix = NOT_COVERED, None
@@ -160,7 +160,7 @@ def audit_step_cell(spec: PolicySpec, cell: StepCell, regime: str, *, notes: Seq
         scale=step_scale(args, cell.mode, problem, rows), library=LIBRARY_NAME,
         library_version=installed_version(LIBRARY_NAME) or "?", configuration=configuration or cell.configuration,
         estimator=cell.estimator, placement=cell.placement,
-        reason=reason or (cell.reason_on if regime == "on" else cell.reason_off), mode=cell.mode,
+        reason=reason or cell.reason(regime == "on"), mode=cell.mode,
         fix=fix if fix is not None else cell.fix, notes=[*STEP_NOTES, *notes], user_config=user_config,
         argv=list(cell.argv if argv is None else argv), setup={"ranks": cell.setup.ranks,
                                                                "actor_log_probs": cell.setup.actor_log_probs},

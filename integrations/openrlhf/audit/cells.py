@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kl_patches.audit.cells import Cell as CellBase
 from kl_patches.integrations.openrlhf.audit.harness import GROUP_SIZE, StepSetup
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
@@ -35,8 +36,7 @@ def _loss(estimator: str, unbiased: bool) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Cell:
-    configuration: str  # the flags, as a user types them
+class Cell(CellBase):
     argv: tuple[str, ...]
     estimator: str
     placement: str
@@ -132,8 +132,7 @@ MU_ACTOR = ("mu is action_log_probs, the actor's recomputation with the current 
 
 
 @dataclass(frozen=True)
-class StepCell:
-    configuration: str
+class StepCell(CellBase):
     argv: tuple[str, ...]
     mode: str
     estimator: str

@@ -45,13 +45,13 @@ from typing import Callable, Sequence
 import torch
 
 from kl_patches.audit import AuditBatch, AuditRecord, PolicySpec, audit_record, build_problem, exact_kl_gradient
-from kl_patches.audit.engine import accumulated_grad
+from kl_patches.audit.cells import GROUP_SIZE
+from kl_patches.audit.engine import accumulated_grad, per_group
 from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, KLModeError
 from kl_patches.patching import installed_version
 
 LIBRARY_NAME = "openrlhf"
-GROUP_SIZE = 2  # every configuration: the advantage estimators couple a prompt's responses
 AUDIT_PROMPT = "kl-patches audit prompt"
 #: Model paths OpenRLHF's argument checks need; nothing is loaded.
 BASE_ARGV = ("--actor.model_name_or_path", "audit-actor", "--reward.model_name_or_path", "audit-reward")
@@ -287,11 +287,7 @@ def openrlhf_loss(args, *, kl_coef: float = 1.0, normalizer: float | None = None
     return loss
 
 
-def per_group_loss(scalar_loss: Callable[[AuditBatch], Tensor]) -> Callable[[AuditBatch], Tensor]:
-    def loss(batch: AuditBatch) -> Tensor:
-        return torch.stack([scalar_loss(batch.group(g)).reshape(()) for g in range(batch.num_groups)])
-
-    return loss
+per_group_loss = per_group  # the core's (kl_patches.audit.per_group), under the name this adapter exports
 
 
 def direct_kl_loss(estimator: str, unbiased_gradient: bool, with_old: bool) -> Callable[[AuditBatch], Tensor]:

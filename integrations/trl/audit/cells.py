@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from kl_patches.audit import AuditRecord, PolicySpec
+from kl_patches.audit.cells import Cell as CellBase
 from kl_patches.audit.engine import exact_kl_gradient
 from kl_patches.audit.records import BIASED, EXACT, NOT_COVERED, audit_record
 from kl_patches.modes import ENV_VAR, K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
@@ -75,10 +76,9 @@ LOSS_NOTE = "through compute_loss on each enumerated group as one micro-batch (l
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(CellBase):
     """One audited configuration: a name, the trainer, its settings, the mode, the regimes and the driver."""
 
-    configuration: str
     trainer: str = "grpo"
     settings: dict = field(default_factory=dict)
     mode: str = LIBRARY

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from kl_patches.audit import AuditProblem, AuditRecord, EnumerablePolicy, PolicySpec, enumerate_responses
+from kl_patches.audit.cells import GROUP_SIZE
 from kl_patches.audit.engine import AuditBatch, exact_kl_gradient
 from kl_patches.audit.records import BIASED, EXACT, NOT_COVERED, audit_record
 from kl_patches.modes import ENV_VAR, K1_IN_REWARD, K1_RTG_LOSS, LIBRARY, mode_from_env, validate_mode
@@ -52,7 +53,6 @@ Tensor = torch.Tensor
 LIBRARY_NAME = "trl"
 PROMPT = "t0"  # the fixed prompt: one token of the audit vocabulary
 AUDIT_BETA = 0.04  # any beta > 0 (TRL's default beta=0 has no KL at all); the scale is declared per record
-GROUP_SIZE = 2  # TRL needs num_generations >= 2; groups of 2 are enumerated exactly (225 for the default spec)
 
 FLOAT64_NOTE = ("TRL's fused LM head computes log-probs in float32; the audit model's fused forward returns "
                 "the same fields in float64 so exactness is judged at float64 rounding")

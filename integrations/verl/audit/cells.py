@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from kl_patches.audit import AuditBatch, AuditProblem, AuditRecord, PolicySpec, audit_record, build_problem
-from kl_patches.audit import exact_kl_gradient
+from kl_patches.audit import GROUP_SIZE, exact_kl_gradient, per_group
+from kl_patches.audit.cells import Cell as CellBase
 from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 from kl_patches.patching import installed_version
@@ -54,7 +55,6 @@ from kl_patches.integrations.verl.compat import loss_agg_modes  # the values the
 Tensor = torch.Tensor
 
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
-GROUP_SIZE = 2  # group-coupled estimators (GRPO, RLOO, leave-one-out baselines, batch whitening) see groups of 2
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -438,23 +438,11 @@ def declared_scale(settings: KLSettings, group_size: int, ctx: ProblemContext) -
 
 
 def per_response_set(scalar_loss: Callable[[AuditBatch], Tensor]) -> Callable[[AuditBatch], Tensor]:
-    """``per_group``, computing each *set* of responses once: the enumerated groups are ordered tuples, and every
-    verl computation on a group (normalisers, GRPO / RLOO statistics over a ``uid``, leave-one-out baselines,
-    batch whitening) is invariant to the order of its rows, so a group and its permutations give the same loss
-    (tests/integrations/verl check this against ``per_group``). Halves the audit's calls into verl for groups of 2."""
-
-    def loss(batch: AuditBatch) -> Tensor:
-        cache: dict[tuple, Tensor] = {}
-        size = batch.group_size
-        out = []
-        for g in range(batch.num_groups):
-            key = tuple(sorted(batch.rows[g * size:(g + 1) * size].tolist()))
-            if key not in cache:
-                cache[key] = scalar_loss(batch.group(g)).reshape(())
-            out.append(cache[key])
-        return torch.stack(out)
-
-    return loss
+    """``per_group``, computing each *set* of responses once (``per_group(..., order_invariant=True)``): every verl
+    computation on a group (normalisers, GRPO / RLOO statistics over a ``uid``, leave-one-out baselines, batch
+    whitening) is invariant to the order of its rows (tests/integrations/verl check this against ``per_group``).
+    Halves the audit's calls into verl for groups of 2."""
+    return per_group(scalar_loss, order_invariant=True)
 
 
 def cell_loss(settings: KLSettings, ctx: ProblemContext, group_size: int, with_uid: bool = True,
@@ -474,8 +462,7 @@ def cell_loss(settings: KLSettings, ctx: ProblemContext, group_size: int, with_u
 
 
 @dataclass(frozen=True)
-class Cell:
-    configuration: str
+class Cell(CellBase):
     settings: KLSettings
     estimator: str
     placement: str
@@ -506,7 +493,7 @@ def run_cell(cell: Cell, ctx: ProblemContext, version: str, user_config: bool = 
             ctx.problem, loss, library="verl", library_version=version, configuration=cell.configuration,
             estimator=cell.estimator, placement=cell.placement, mode=cell.mode, group_size=cell.group_size,
             scale=declared_scale(cell.settings, cell.group_size, ctx), truth=ctx.truth,
-            reason=cell.reason_on if on else cell.reason_off, fix=cell.fix_on if on else cell.fix_off,
+            reason=cell.reason(on), fix=cell.fix_for(on),
             notes=[convention_note(user_config), *cell.notes], user_config=user_config,
             overrides=describe(cell.settings), expected_length=ctx.expected_length,
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from kl_patches.audit import AuditRecord, PolicySpec, audit_record, build_problem, exact_kl_gradient
+from kl_patches.audit.cells import Cell
 from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
@@ -47,8 +48,7 @@ NO_ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=False",)  # aft
 
 
 @dataclass(frozen=True)
-class StepCell:
-    configuration: str
+class StepCell(Cell):
     overrides: tuple[str, ...]
     mode: str
     reason_on: str
@@ -126,7 +126,7 @@ def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: s
             library="verl", library_version=version, configuration=cell.configuration, estimator="k1",
             placement=placement(config), mode=cell.mode,
             scale=declared_scale(config, rows), truth=truth if truth is not None else exact_kl_gradient(problem),
-            reason=cell.reason_on if on else cell.reason_off, fix=cell.fix_on if on else cell.fix_off,
+            reason=cell.reason(on), fix=cell.fix_for(on),
             notes=[STEP_NOTE, *cell.notes], user_config=user_config, dp_size=cell.dp_size, mismatch=cell.mismatch,
             overrides=" ".join(cell.overrides),
         )

@@ -9,9 +9,10 @@ from kl_patches.integrations.openrlhf import audit as oaudit
 from kl_patches.integrations.openrlhf.placeholders import active_placeholders
 from kl_patches.modes import KLModeError
 from kl_patches.patching import installed_version
+from kl_patches.audit.tolerances import EXACT_TOLERANCE
 
 #: An enumerated step audit is exact at float64 rounding over a few hundred batches (the engine's own threshold).
-EXACT = 1e-10
+EXACT = EXACT_TOLERANCE
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import torch
 from kl_patches.audit import expected_gradient, reference
 from kl_patches.integrations import openrlhf as adapter
 from kl_patches.integrations.openrlhf import audit as oaudit
+from kl_patches.audit.tolerances import LIBRARY_PARITY
+from kl_patches.audit import flat_grad
 
 CONFIGS = {
     "k1 reward, gae": ["--algo.advantage.estimator", "gae"],
@@ -36,8 +38,7 @@ def loss_and_gradient(problem, argv, kl_coef=1.0):
     for g in range(batch.num_groups):
         loss = oaudit.openrlhf_loss(args, kl_coef=kl_coef)(batch.group(g))
         losses.append(loss.detach())
-        grads.append(torch.cat([p.reshape(-1) for p in torch.autograd.grad(loss, problem.parameters(),
-                                                                           retain_graph=True)]))
+        grads.append(flat_grad(loss, problem.parameters(), retain_graph=True))
     return torch.stack(losses), torch.stack(grads)
 
 
@@ -83,7 +84,7 @@ def test_k1_rtg_loss_matches_the_core_reference(regime, on_problem, off_problem)
     adapter.enable("k1-rtg-loss")
     ours = _expected(problem, oaudit.per_group_loss(oaudit.openrlhf_loss(args)))
     core = _expected(problem, reference.mode_k1_rtg_loss())
-    torch.testing.assert_close(ours, core, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, core, **LIBRARY_PARITY)
 
 
 def test_k1_in_reward_matches_the_core_reference_on_policy(on_problem):
@@ -91,7 +92,7 @@ def test_k1_in_reward_matches_the_core_reference_on_policy(on_problem):
     adapter.enable("k1-in-reward")
     ours = _expected(on_problem, oaudit.per_group_loss(oaudit.openrlhf_loss(args)))
     core = _expected(on_problem, reference.in_reward("k1", reward_to_go=True))
-    torch.testing.assert_close(ours, core, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, core, **LIBRARY_PARITY)
 
 
 def test_unpatched_in_loss_k3_matches_the_core_reference_cell(on_problem):
@@ -99,4 +100,4 @@ def test_unpatched_in_loss_k3_matches_the_core_reference_cell(on_problem):
     args = oaudit.audit_args([*CONFIGS["k3 loss, group_norm"], *SAMPLES])
     ours = _expected(on_problem, oaudit.per_group_loss(oaudit.openrlhf_loss(args)))
     core = _expected(on_problem, reference.in_loss("k3"))
-    torch.testing.assert_close(ours, core, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, core, **LIBRARY_PARITY)

@@ -10,11 +10,12 @@ from kl_patches.integrations import openrlhf as adapter
 from kl_patches.integrations.openrlhf import audit as oaudit
 from kl_patches.integrations.openrlhf.audit import cells
 from kl_patches.integrations.openrlhf.kl import fixed_normalizer
+from kl_patches.audit.tolerances import EXACT_TOLERANCE, LIBRARY_TRAINER
 
 #: Exact = float64 rounding over the enumerated batches (the engine's EXACT_TOLERANCE).
-EXACT = 1e-10
+EXACT = EXACT_TOLERANCE
 #: One generation batch summed two ways (OpenRLHF's step vs the core formula): float64 rounding of a few terms.
-SAME_BATCH = dict(rtol=1e-11, atol=1e-13)
+SAME_BATCH = LIBRARY_TRAINER
 
 
 @pytest.mark.parametrize("cell", [c for c in cells.STEP_CELLS if c.mode == "k1-rtg-loss"

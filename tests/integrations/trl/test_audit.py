@@ -13,9 +13,10 @@ import yaml
 
 from kl_patches.integrations.trl import audit as trl_audit
 from kl_patches.modes import KLModeError
+from kl_patches.audit.tolerances import EXACT_TOLERANCE
 
 OUTSIDE = os.path.dirname(sys.executable)  # not the source tree: kl_patches.integrations exists installed only
-EXACT = 1e-10  # float64 rounding over the enumeration; biased cells are above 1e-3
+EXACT = EXACT_TOLERANCE  # float64 rounding over the enumeration; biased cells are above 1e-3
 
 
 @pytest.fixture(scope="module")

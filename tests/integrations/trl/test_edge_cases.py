@@ -5,9 +5,10 @@ import torch
 
 from kl_patches import terms
 from kl_patches.audit import PolicySpec
-from kl_patches.integrations.trl import kl
 from kl_patches.integrations.trl.audit import build_tiny_trainer, trl_loss
 from kl_patches.patching import PatchError
+from kl_patches.audit.tolerances import LIBRARY_STEP
+from kl_patches.audit import flat_grad
 
 TRUNCATED = (7, 8, 11, 14)  # V=3, H=3: rows 7..14 run to the horizon without EOS
 
@@ -15,8 +16,7 @@ TRUNCATED = (7, 8, 11, 14)  # V=3, H=3: rows 7..14 run to the horizon without EO
 def grads(tiny, rows, **kwargs):
     index = torch.tensor(rows)
     loss = trl_loss(tiny, tiny.problem.tokens[index], tiny.problem.mask[index], **kwargs)
-    parameters = list(tiny.trainer.model.parameters())
-    return loss, torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, parameters)])
+    return loss, flat_grad(loss, list(tiny.trainer.model.parameters()))
 
 
 def test_rtg_term_masked_positions_get_exactly_zero_gradient_even_at_inf():
@@ -45,10 +45,9 @@ def test_truncated_completions_without_eos_are_regularised_exactly_like_the_core
     logp = patched.problem.policy.token_logprobs(tokens, mask)
     ref = patched.problem.reference.token_logprobs(tokens, mask).detach()
     core = terms.kl_rtg_loss(logp, ref, mask, beta=0.04, normalizer=constant)
-    params = list(patched.problem.parameters())
-    expected = without + torch.cat([g.reshape(-1) for g in torch.autograd.grad(core, params)])
+    expected = without + flat_grad(core, list(patched.problem.parameters()))
     assert torch.isfinite(loss)
-    torch.testing.assert_close(with_kl, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(with_kl, expected, **LIBRARY_STEP)
 
 
 @pytest.mark.parametrize("mode", ["k1-in-reward", "k1-rtg-loss"])

@@ -14,6 +14,8 @@ from kl_patches import estimators, terms
 from kl_patches.audit import PolicySpec
 from kl_patches.statistics import group_statistics
 from kl_patches.integrations.trl.audit import build_tiny_trainer, trl_loss
+from kl_patches.audit.tolerances import LIBRARY_GRADIENT, LIBRARY_STEP
+from kl_patches.audit import flat_grad
 
 BETA = 0.04
 ROWS = (3, 7, 0, 14, 9, 9, 1, 12)  # 4 groups of 2: short, long, EOS-terminated and truncated responses
@@ -28,9 +30,7 @@ def batch(tiny):
 def gradient(tiny, num_items=None):
     tokens, mask = batch(tiny)
     loss = trl_loss(tiny, tokens, mask, group_size=2, num_items=num_items)
-    parameters = [p for p in tiny.trainer.model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, parameters)])
+    return flat_grad(loss, [p for p in tiny.trainer.model.parameters() if p.requires_grad])
 
 
 def build(reward, *, kl_mode=None, off_policy=False, **settings):
@@ -87,8 +87,7 @@ def core_kl_gradient(tiny, mode, off_policy):
     else:  # baseline "none"; off-policy: the core's prefix weights against mu = TRL's old log-probs
         surrogate = terms.kl_rtg_loss(logp, ref, mask, beta=BETA, behaviour_logp=behaviour if off_policy else None,
                                       normalizer=FIXED_C)
-    parameters = [p for p in problem.parameters()]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(surrogate, parameters)])
+    return flat_grad(surrogate, list(problem.parameters()))
 
 
 @pytest.mark.parametrize("mode, off_policy", [("k1-in-reward", False), ("k1-rtg-loss", False),
@@ -105,7 +104,7 @@ def test_patched_mode_is_trl_policy_gradient_plus_the_core_kl_term(reward, mode,
         tiny = build(reward, off_policy=off_policy)
     patched = gradient(tiny, num_items)
     expected = policy_gradient + core_kl_gradient(tiny, mode, off_policy)
-    torch.testing.assert_close(patched, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(patched, expected, **LIBRARY_STEP)
     assert (patched - library).norm() > 1e-3 * library.norm()  # and it is not TRL's own KL
 
 
@@ -121,7 +120,7 @@ def test_policy_gradient_part_unchanged_for_every_loss_type(reward, loss_type, m
     task_only = gradient(build(reward, beta=0.0, loss_type=loss_type))
     patched = gradient(build(reward, kl_mode=mode, loss_type=loss_type))
     kl_only = gradient(build(zero, kl_mode=mode, loss_type=loss_type))
-    torch.testing.assert_close(patched, task_only + kl_only, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(patched, task_only + kl_only, **LIBRARY_GRADIENT)
 
 
 def test_the_patch_and_the_subclass_agree_in_every_mode(reward):

@@ -8,12 +8,13 @@ import torch
 from kl_patches.audit import PolicySpec
 from kl_patches.integrations.trl.audit import build_tiny_trainer, run_step
 from kl_patches.integrations.trl.audit.cells import STEP_ON, STEP_REUSE, Cell, audit_cell
+from kl_patches.audit.tolerances import EXACT_TOLERANCE
 
 pytestmark = pytest.mark.slow
 
 #: A cell is exact when its relative error is at float64 rounding over the enumeration (~1e-15 measured); the
 #: biased cells below are above 1e-3.
-EXACT = 1e-10
+EXACT = EXACT_TOLERANCE
 SPEC = PolicySpec(horizon=2)
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "sapo", "cispo", "vespo")
 TRUTH: dict = {}

@@ -29,7 +29,7 @@ def main(mode: str, out: str) -> None:
     from transformers import TrainerCallback
 
     import kl_patches.integrations.trl as adapter
-    from kl_patches.integrations.trl.audit import build_model, build_tokenizer, use_float64_log_probs
+    from kl_patches.integrations.trl.audit import build_tokenizer, use_float64_log_probs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kl_patches import terms
+from kl_patches.audit.tolerances import LIBRARY_PATH, SPLIT_INVARIANCE
 
 VERL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "kl+", "abs+", "mse+", "k2+", "low_var_kl+", "k3+")
 #: the installed verl's loss_agg_mode values (verl 0.8 has no token-sum)
@@ -105,8 +106,8 @@ def test_k1_rtg_loss_equals_the_core_term_on_the_same_tensors(make_batch, mode, 
     core = 0.3 * terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=batch.behaviour_logp,
                                    baseline="none", normalizer=fixed_c(mode))
     (core_grad,) = torch.autograd.grad(core, logp)
-    torch.testing.assert_close(loss, pg_loss + core.detach(), rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(grad, pg_grad + core_grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(loss, pg_loss + core.detach(), **LIBRARY_PATH)
+    torch.testing.assert_close(grad, pg_grad + core_grad, **LIBRARY_PATH)
     assert core.item() != 0.0
     # the metric keeps verl's meaning: an estimate of the KL value (k1), aggregated as verl would
     k1 = terms.masked_log_ratio(batch.logp.detach(), batch.ref_logp, batch.mask)
@@ -133,7 +134,7 @@ def test_engine_log_probs_are_mu_when_present(make_batch):
     core = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=engine,
                              normalizer=fixed_c("token-mean"))
     (core_grad,) = torch.autograd.grad(core, logp)
-    torch.testing.assert_close(grad, core_grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, core_grad, **LIBRARY_PATH)
     assert torch.equal(loss, other)
     assert metrics["kl_patches/mu_source"].values == [1.0]
     assert metrics["kl_patches/ess"].values[0] < 1.0
@@ -147,7 +148,7 @@ def test_truncation_reaches_the_loss_and_its_metric(make_batch):
     core = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, behaviour_logp=batch.behaviour_logp,
                              truncation=1.5, normalizer=fixed_c("token-mean"))
     (core_grad,) = torch.autograd.grad(core, logp)
-    torch.testing.assert_close(grad, core_grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, core_grad, **LIBRARY_PATH)
     assert metrics["kl_patches/truncated_fraction"].values[0] > 0.0
 
 
@@ -161,7 +162,7 @@ def test_k1_rtg_loss_on_the_first_mini_batch_is_the_on_policy_surrogate(make_bat
     logp = batch.logp.detach().clone().requires_grad_(True)
     on_policy = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, normalizer=normalizer)
     (on_grad,) = torch.autograd.grad(on_policy, logp)
-    torch.testing.assert_close(grad, on_grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, on_grad, **LIBRARY_PATH)
 
 
 def test_padding_never_leaks_and_masked_positions_get_zero_gradient(make_batch):
@@ -217,7 +218,7 @@ def test_split_anywhere_the_micro_batch_losses_add_up_to_the_whole(make_batch):
             _, grad, _ = loss_and_grad(sub, settings, batch_num_tokens=int(batch.mask[rows].sum()),
                                        global_batch_size=N_SEQ)
             total[rows] += grad
-        torch.testing.assert_close(total, whole, rtol=1e-15, atol=1e-17)
+        torch.testing.assert_close(total, whole, **SPLIT_INVARIANCE)
 
 
 def test_fixed_normalizer_per_loss_agg_mode():

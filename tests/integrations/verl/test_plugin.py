@@ -108,21 +108,18 @@ def test_without_verls_loading_mechanism_nothing_is_patched():
 
 
 def test_every_version_specific_target_module_is_patched_on_the_installed_version(patched):
-    modules = patched.target_modules()
-    absent = [name for name in patched_targets_tables() if name not in modules]
-    for name in modules:
-        module = importlib.import_module(name)  # exists in this version
-        for attribute, _ in patched_targets_tables()[name]:
-            assert getattr(vars(module)[attribute], "__kl_patches__", False), f"{name}.{attribute}"
-    assert len(absent) == 1  # the other version's agent-session trainer module, which this verl does not have
-    with pytest.raises(ImportError):
-        importlib.import_module(absent[0])
-
-
-def patched_targets_tables() -> dict:
+    """The targets table holds both versions' agent-session trainer rows; only the installed verl's are armed."""
     from kl_patches.integrations.verl import TARGETS
 
-    return TARGETS
+    modules = patched.target_modules()
+    absent = [target for target in TARGETS if target.module not in modules]
+    for target in patched.targets:
+        module = importlib.import_module(target.module)  # exists in this version
+        assert getattr(vars(module)[target.attribute], "__kl_patches__", False), target.path
+    # the other version's agent-session trainer module, which this verl does not have
+    assert len(absent) == 1 and absent[0].attribute == "compute_advantage_for_multi_trajectories"
+    with pytest.raises(ImportError):
+        importlib.import_module(absent[0].module)
 
 
 def test_in_process_every_binding_points_to_the_patched_function(patched):

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from kl_patches.audit.tolerances import RAY_ROUND_TRIP
 
 pytestmark = pytest.mark.slow
 
@@ -213,9 +214,10 @@ def test_worker_ppo_loss_is_kl_patches_for_kl_patches_config_and_verl_otherwise(
     expected = expected_losses(probe_batch())
     for name in ("run_config", "verl_low_var_kl"):
         got = ray_report["worker"]["losses"][name]
-        assert got["loss"] == pytest.approx(expected[name]["loss"], rel=1e-12, abs=1e-15)
+        assert got["loss"] == pytest.approx(expected[name]["loss"], rel=RAY_ROUND_TRIP["rtol"],
+                                           abs=RAY_ROUND_TRIP["atol"])
         torch.testing.assert_close(torch.tensor(got["grad"], dtype=torch.float64), expected[name]["grad"],
-                                   rtol=1e-12, atol=1e-15)
+                                   **RAY_ROUND_TRIP)
     assert ray_report["worker"]["losses"]["run_config"]["loss"] != pytest.approx(
         ray_report["worker"]["losses"]["verl_low_var_kl"]["loss"])
 

@@ -9,12 +9,12 @@ import torch
 
 from kl_patches.audit import PolicySpec, build_problem
 from kl_patches.audit.engine import step_batch
+from kl_patches.audit.tolerances import ENUMERATION_REL, SPLIT_INVARIANCE
 
 SPEC = PolicySpec(vocab=3, horizon=2)
 #: rounding only: the accumulated gradients of two splits differ by summation order, never by a statistic
-SPLIT_INVARIANCE_RTOL = 1e-15
-#: an enumerated expectation against the exact gradient (double precision, a few hundred terms)
-EXACT = 1e-12
+#: (SPLIT_INVARIANCE); an enumerated expectation against the exact gradient: ENUMERATION_REL
+EXACT = ENUMERATION_REL
 
 
 def harness(overrides, problem, dp_size=1, mismatch=0.0):
@@ -59,7 +59,7 @@ def test_micro_batch_size_and_dynamic_batch_sizes_do_not_change_the_kl_gradient(
     reference = grads["micro 1"]
     assert reference.norm() > 0
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference, rtol=SPLIT_INVARIANCE_RTOL, atol=1e-17, msg=name)
+        torch.testing.assert_close(grad, reference, **SPLIT_INVARIANCE, msg=name)
     # the variants really split differently
     assert micro_counts["micro 1"] == 8 and micro_counts["micro 8"] == 1 and micro_counts["dp 2, micro 1"] == 8
     assert 1 < micro_counts["dynamic, 5 tokens"] < 8
