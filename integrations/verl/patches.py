@@ -42,6 +42,8 @@ from kl_patches.estimators import masked_log_ratio
 from kl_patches.modes import LIBRARY, KLModeError
 from kl_patches.patching import DeferredPatch, Integration, PatchError, Target
 
+from kl_patches.integrations.verl import compat
+from kl_patches.integrations.verl.compat import SUPPORTED  # noqa: F401  (re-exported: the union of release lines)
 from kl_patches.integrations.verl.kl import (
     MU_ROLLOUT,
     SETTINGS_KEY,
@@ -71,8 +73,6 @@ from kl_patches.integrations.verl.config import (
 
 Tensor = torch.Tensor
 
-from kl_patches.integrations.verl import compat
-from kl_patches.integrations.verl.compat import SUPPORTED  # noqa: F401  (re-exported: the union of release lines)
 
 #: Column apply_kl_penalty adds for compute_advantage under k1-in-reward: the KL coefficient of each row.
 BETA_KEY = "kl_patches_kl_beta"
