@@ -253,6 +253,7 @@ def test_user_yaml_configs_dumped_and_hydra_style(tmp_path):
     dumped = load_user_config()
     dumped.actor_rollout_ref.actor.use_kl_loss = True
     dumped.actor_rollout_ref.actor.kl_loss_type = "k3+"
+    dumped.actor_rollout_ref.rollout.calculate_log_probs = True  # verl 0.8's default is False (mu: see test_step)
     OmegaConf.save(dumped, tmp_path / "dumped.yaml")
     got = user_audit(config=str(tmp_path / "dumped.yaml"))
     assert got["on"].verdict == "biased" and "kl_loss_type=k3+" in got["on"].configuration
@@ -261,7 +262,7 @@ def test_user_yaml_configs_dumped_and_hydra_style(tmp_path):
     assert all(r.verdict == "exact" and r.spec["step"] for r in got.values())
     (tmp_path / "recipe.yaml").write_text(
         "defaults:\n  - ppo_trainer\n  - _self_\nactor_rollout_ref:\n  actor:\n    use_kl_loss: true\n"
-        "    kl_loss_type: k1-rtg-loss\n")
+        "    kl_loss_type: k1-rtg-loss\n  rollout:\n    calculate_log_probs: true\n")
     assert os.path.isdir(verl_config_dir())
     got = user_audit(config=str(tmp_path / "recipe.yaml"), spec=STEP_SPEC)
     assert all(r.verdict == "exact" for r in got.values())
