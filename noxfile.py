@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "core", "trl", "trl-0.24", "verl", "openrlhf", "openrlhf-0.9"]
+nox.options.sessions = ["lint", "core", "trl", "trl-0.24", "verl", "verl-0.8", "openrlhf", "openrlhf-0.9"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -49,7 +49,7 @@ def core(session: nox.Session) -> None:
 def library_session(session: nox.Session, library: str, *install_args: str) -> None:
     install_torch(session)
     # Each library's install recipe lives in ci/install-<library>.sh (CPU-only workarounds included); install_args
-    # choose the release for the sessions of older release lines (trl-0.24, openrlhf-0.9, ...).
+    # choose the release for the sessions of older release lines (trl-0.24, verl-0.8, openrlhf-0.9).
     session.run("bash", f"ci/install-{library}.sh", *install_args, external=True)
     session.install(*CONSTRAINTS, ".[test]")
     session.run("pytest", f"tests/integrations/{library}", *session.posargs)
@@ -69,6 +69,12 @@ def trl_0_24(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def verl(session: nox.Session) -> None:
     library_session(session, "verl")
+
+
+@nox.session(python=PYTHON, name="verl-0.8")
+def verl_0_8(session: nox.Session) -> None:
+    """The same tests against verl 0.8.0 (pinned by rLLM and agent-lightning)."""
+    library_session(session, "verl", "0.8.0")
 
 
 @nox.session(python=PYTHON)

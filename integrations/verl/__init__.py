@@ -3,10 +3,11 @@
     actor_rollout_ref.actor.use_kl_loss=True  actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss
     algorithm.use_kl_in_reward=True           algorithm.kl_penalty=k1-in-reward
 
-``pip install kl-patches[verl]`` is enough: verl imports the ``verl.plugins`` entry point (``plugin.py``) on
-``import verl`` in the driver, the ``TaskRunner`` actor and every worker actor, and the plugin patches verl's KL
-functions as their modules are imported. The patches act only on the two values above. Importing this
-package imports no verl module.
+``pip install kl-patches[verl]`` is enough on verl 0.9: verl imports the ``verl.plugins`` entry point
+(``plugin.py``) on ``import verl`` in the driver, the ``TaskRunner`` actor and every worker actor, and the plugin
+patches verl's KL functions as their modules are imported. verl 0.8 has no entry-point discovery: export
+``VERL_USE_EXTERNAL_MODULES=kl_patches.integrations.verl.plugin`` (``compat.py`` holds every version
+difference). The patches act only on the two values above. Importing this package imports no verl module.
 """
 
 from __future__ import annotations

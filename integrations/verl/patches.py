@@ -15,8 +15,9 @@ then every ``from x import f`` copy in ``sys.modules`` rebound:
   ``experimental.separation.ray_trainer``) -- adds -beta*(KL_i - b_i) to the advantage *after* verl's
   estimator (so never divided by a group std), b_i the leave-one-out mean over the whole ``uid`` group
   (``kl_patches.statistics.group_statistics`` on the driver, before any split).
-* ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``  (copy: ``ppo.v1.trainer_base``) --
-  the same for agent sessions with several outputs: the KL of the whole session, on each of its rows.
+* ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``  (copy: ``ppo.v1.trainer_base``; in
+  verl 0.8 the same function is defined in ``verl.trainer.main_ppo_sync``) -- the same for agent sessions with
+  several outputs: the KL of the whole session, on each of its rows.
 * ``verl.trainer.ppo.core_algos.kl_penalty``  (copies: ``workers.utils.losses``, ``trainer.distillation.losses``)
   -- a guard: a kl-patches value reaching verl's per-token estimator from a path kl-patches does not patch
   raises a clear error instead of verl's bare NotImplementedError.
@@ -24,7 +25,8 @@ then every ``from x import f`` copy in ``sys.modules`` rebound:
   ``experimental.one_step_off_policy.main_ppo``) -- the driver-side checks of ``config.py`` before any Ray work
   starts, and the fixed settings the workers' k1-rtg-loss needs (``global_batch_info['kl_patches']``).
 
-The hooks fire when verl imports a target module, in whatever process (driver, ``TaskRunner``, worker actors):
+What differs between the supported versions is in ``compat.py``. The hooks fire when verl imports a target
+module, in whatever process (driver, ``TaskRunner``, worker actors):
 ``plugin.py`` registers them during ``import verl``. Nothing here imports a verl module eagerly.
 """
 
@@ -40,6 +42,8 @@ from kl_patches.estimators import masked_log_ratio
 from kl_patches.modes import LIBRARY, KLModeError
 from kl_patches.patching import DeferredPatch, Integration, PatchError, Target
 
+from kl_patches.integrations.verl import compat
+from kl_patches.integrations.verl.compat import SUPPORTED  # noqa: F401  (re-exported: the union of release lines)
 from kl_patches.integrations.verl.kl import (
     MU_ROLLOUT,
     SETTINGS_KEY,
@@ -69,8 +73,6 @@ from kl_patches.integrations.verl.config import (
 
 Tensor = torch.Tensor
 
-#: verl versions whose KL code paths the tests verify (0.9.0 and 0.9.1 share every patched function).
-SUPPORTED = ">=0.9.0,<0.9.2"
 
 #: Column apply_kl_penalty adds for compute_advantage under k1-in-reward: the KL coefficient of each row.
 BETA_KEY = "kl_patches_kl_beta"
@@ -272,6 +274,10 @@ TARGETS: tuple[Target, ...] = (
     Target("verl.trainer.ppo.v1.utils", None, "compute_advantage_for_multi_trajectories",
            make_multi_trajectory_advantage, "kl_penalty=k1-in-reward for agent sessions with several outputs",
            REMOVE, rebind="verl", deferred=True),
+    # verl 0.8: the same function, defined in its agent-session trainer (compat.VERSION_MODULES picks the row)
+    Target("verl.trainer.main_ppo_sync", None, "compute_advantage_for_multi_trajectories",
+           make_multi_trajectory_advantage, "kl_penalty=k1-in-reward for agent sessions with several outputs (0.8)",
+           "kl-patches drops verl 0.8", rebind="verl", deferred=True),
 )
 
 
@@ -287,8 +293,20 @@ class VerlIntegration(Integration):
     library = "verl"
     distribution = "verl"
     supported = SUPPORTED
-    targets = TARGETS
     accepted_modes = (LIBRARY,)
+
+    def check_version(self) -> str:  # a union of release lines: one SpecifierSet cannot hold it
+        return compat.check_version()
+
+    @property
+    def targets(self) -> tuple[Target, ...]:  # type: ignore[override]
+        """The :data:`TARGETS` rows whose module exists in the installed verl (``compat.VERSION_MODULES``)."""
+        version = self.version
+        return tuple(target for target in TARGETS if compat.has_module(target.module, version))
+
+    def target_modules(self) -> list[str]:
+        """The target modules of the installed verl version."""
+        return list(dict.fromkeys(target.module for target in self.targets))
 
     def mode_refusal(self, mode: str) -> str:
         return (f"verl selects the KL term per run from its own configuration, not with enable({mode!r}): "

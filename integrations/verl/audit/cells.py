@@ -50,6 +50,7 @@ from kl_patches.integrations.verl.config import (
     REWARD_VALUE,
     check_trainer_config,
 )
+from kl_patches.integrations.verl.compat import loss_agg_modes  # the values the installed verl accepts
 
 Tensor = torch.Tensor
 
@@ -573,7 +574,7 @@ def _loss_cells() -> list[Cell]:
         settings = KLSettings(use_kl_loss=True, kl_loss_type=value, kl_loss_coef=1.0)
         cells.append(Cell(f"actor.kl_loss_type={value}{alias}", settings, estimator, "loss", reason,
                           f"{reason[:-1]}; {OFF_UNWEIGHTED}.", LOSS_FIX, LOSS_FIX))
-    for mode in LOSS_AGG_MODES[1:]:
+    for mode in loss_agg_modes()[1:]:
         settings = KLSettings(use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=1.0, loss_agg_mode=mode)
         reason = "k3 in the loss: the per-position forward-KL gradient"
         if mode == "seq-mean-token-mean":
@@ -596,7 +597,7 @@ def _reward_cells() -> list[Cell]:
                               "k1" if kl_penalty == "kl" else "k3", "reward", reason,
                               f"{reason[:-1]}; {OFF_TOKEN_RATIO}.", REWARD_FIX_ON, RTG_FIX,
                               group_size=GROUP_SIZE, notes=(REWARD_AGG_NOTE,)))
-    for mode in LOSS_AGG_MODES[1:]:
+    for mode in loss_agg_modes()[1:]:
         settings = KLSettings(use_kl_in_reward=True, kl_penalty="kl", kl_coef=1.0, adv_estimator="rloo",
                               loss_agg_mode=mode)
         if mode == "seq-mean-token-mean":
@@ -618,7 +619,7 @@ def _reward_cells() -> list[Cell]:
             "by a std, never whitened): exact.", off, None, RTG_FIX, mode=K1_IN_REWARD, group_size=GROUP_SIZE,
             notes=(REWARD_AGG_NOTE,),
         ))
-    for mode in LOSS_AGG_MODES[1:]:
+    for mode in loss_agg_modes()[1:]:
         settings = KLSettings(use_kl_in_reward=True, kl_penalty=REWARD_VALUE, kl_coef=1.0, adv_estimator="grpo",
                               loss_agg_mode=mode)
         if mode == "seq-mean-token-mean":

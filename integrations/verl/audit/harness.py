@@ -58,6 +58,7 @@ class StepHarness:
             if self.mismatch else None
         self.engine_log_probs = bool(self.config.actor_rollout_ref.rollout.get("calculate_log_probs", True))
         self.last_metrics: list[dict] = []
+        self.placeholder_used = False  # compat.flash_attn_placeholder: verl 0.8 without flash-attn
 
     # ------------------------------------------------------------------------------------------- driver
 
@@ -193,8 +194,11 @@ class StepHarness:
     def step(self, batch: AuditBatch) -> Tensor:
         """The flat gradient verl's step accumulates on the policy for this generation batch (FSDP's average over
         ranks), for ``expected_step_gradient``."""
+        from kl_patches.integrations.verl.compat import flash_attn_placeholder
+
         for p in self.parameters:
             p.grad = None
-        data = self.driver(self.generation_batch(batch))
-        self.worker_update(self.rank_batches(data), batch.logp)
+        with flash_attn_placeholder() as self.placeholder_used:  # verl 0.8 on CPU only (compat.py)
+            data = self.driver(self.generation_batch(batch))
+            self.worker_update(self.rank_batches(data), batch.logp)
         return accumulated_grad(self.parameters) / self.dp_size

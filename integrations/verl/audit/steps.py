@@ -17,7 +17,8 @@ from kl_patches.audit.records import NOT_COVERED
 from kl_patches.modes import K1_IN_REWARD, K1_RTG_LOSS, LIBRARY
 
 from kl_patches.integrations.verl.config import LOSS_OVERRIDES, check_trainer_config, lookup
-from kl_patches.integrations.verl.kl import LOSS_AGG_MODES, fixed_normalizer
+from kl_patches.integrations.verl.compat import FLASH_ATTN_NOTE, loss_agg_modes
+from kl_patches.integrations.verl.kl import fixed_normalizer
 
 #: the step audit's generation batch: one prompt x STEP_GROUP_SIZE responses (every ordered batch enumerated)
 STEP_GROUP_SIZE = 2
@@ -36,12 +37,14 @@ BASE = (
     f"actor_rollout_ref.rollout.n={STEP_GROUP_SIZE}", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1", "algorithm.adv_estimator=grpo",
 )
+#: the engine's log-probs as mu: verl 0.9's default, not 0.8's (its rollout.calculate_log_probs defaults to False)
+ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=True",)
 RTG = ("actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
-       "actor_rollout_ref.actor.kl_loss_coef=1.0")
+       "actor_rollout_ref.actor.kl_loss_coef=1.0", *ENGINE_LOGP)
 IN_REWARD = ("algorithm.use_kl_in_reward=True", "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=1.0")
 DYNAMIC = ("actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
            "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=3")
-NO_ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=False",)
+NO_ENGINE_LOGP = ("actor_rollout_ref.rollout.calculate_log_probs=False",)  # after RTG: the later override wins
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: s
         config = config if config is not None else compose([*BASE, *cell.overrides], spec.horizon)
         harness = StepHarness(config, problem, dp_size=cell.dp_size, mismatch=cell.mismatch)
         rows = STEP_GROUPS * STEP_GROUP_SIZE
-        return audit_record(
+        record = audit_record(
             problem, None, step_fn=harness.step, num_groups=STEP_GROUPS, group_size=STEP_GROUP_SIZE,
             library="verl", library_version=version, configuration=cell.configuration, estimator="k1",
             placement=placement(config), mode=cell.mode,
@@ -127,6 +130,9 @@ def run_step_cell(cell: StepCell, spec: PolicySpec, off_policy: bool, version: s
             notes=[STEP_NOTE, *cell.notes], user_config=user_config, dp_size=cell.dp_size, mismatch=cell.mismatch,
             overrides=" ".join(cell.overrides),
         )
+        if harness.placeholder_used:
+            record.notes.append(FLASH_ATTN_NOTE)
+        return record
     except Exception as error:  # a verl path this CPU audit cannot run: say so, never drop the cell
         return AuditRecord(
             library="verl", library_version=version, configuration=cell.configuration, mode=cell.mode,
@@ -159,7 +165,7 @@ def default_step_cells() -> list[StepCell]:
         StepCell("k1-rtg-loss step: dynamic batch sizes, dp 2", (*RTG, *DYNAMIC), K1_RTG_LOSS, EXACT_RTG,
                  EXACT_RTG_OFF, dp_size=2),
     ]
-    for mode in LOSS_AGG_MODES[1:]:
+    for mode in loss_agg_modes()[1:]:
         cells.append(StepCell(f"k1-rtg-loss step: loss_agg_mode={mode}",
                               (*RTG, f"actor_rollout_ref.actor.loss_agg_mode={mode}"), K1_RTG_LOSS, EXACT_RTG,
                               EXACT_RTG_OFF))
@@ -196,8 +202,9 @@ def check_step_cells() -> list[StepCell]:
     together). The tests run all of :func:`default_step_cells`; a user configuration that drops the engine's
     log-probs or keeps token-mean under k1-in-reward is audited (and reported biased) by ``--config``."""
     return [
-        StepCell("k1-rtg-loss step: verl defaults (balance_batch, token-mean), dp 2, engine/trainer mismatch 0.1",
-                 RTG, K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2, mismatch=0.1),
+        StepCell("k1-rtg-loss step: verl defaults (balance_batch, token-mean), dp 2, engine/trainer mismatch 0.1, "
+                 "rollout log-probs", RTG, K1_RTG_LOSS, EXACT_RTG, EXACT_RTG_OFF, dp_size=2,
+                 mismatch=0.1),
         StepCell("k1-rtg-loss step: dynamic batch sizes, dp 2, loss_agg_mode=seq-mean-token-sum-norm",
                  (*RTG, *DYNAMIC, "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm"), K1_RTG_LOSS,
                  EXACT_RTG, EXACT_RTG_OFF, dp_size=2),

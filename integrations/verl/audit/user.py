@@ -119,9 +119,29 @@ def user_cell(settings: KLSettings) -> Cell | None:
                 mode=LIBRARY, group_size=GROUP_SIZE, notes=(note,))
 
 
+ENGINE_LOGP_FIX = "actor_rollout_ref.rollout.calculate_log_probs=True"
+
+
+def with_engine_logp(records: list[AuditRecord], composed) -> list[AuditRecord]:
+    """A fix that switches to k1-rtg-loss also asks for the engine's log-probs (mu = the sampler) when the
+    configuration has none: verl 0.8's default (``rollout.calculate_log_probs=False``), or the user's choice."""
+    if lookup(composed, "actor_rollout_ref.rollout.calculate_log_probs", True) is not False:
+        return records
+    switch = f"kl_loss_type={LOSS_VALUE}"
+    for record in records:
+        if record.fix and switch in record.fix and ENGINE_LOGP_FIX not in record.fix:
+            record.fix = f"{record.fix} {ENGINE_LOGP_FIX}"
+    return records
+
+
 def audit_user_config(spec: PolicySpec, config: str | None, args: Sequence[str], version: str) -> list[AuditRecord]:
     composed = load_user_config(config, args)
     check_trainer_config(composed)  # the driver's refusals, exactly as a run would meet them
+    return with_engine_logp(_audit_user_config(spec, config, args, version, composed), composed)
+
+
+def _audit_user_config(spec: PolicySpec, config: str | None, args: Sequence[str], version: str,
+                       composed) -> list[AuditRecord]:
     mode = explicit_mode(composed)
     if mode in (K1_RTG_LOSS, K1_IN_REWARD):
         return audit_user_step(spec, config, args, composed, mode, version)

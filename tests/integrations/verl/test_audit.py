@@ -18,7 +18,11 @@ from kl_patches.modes import KLModeError
 from kl_patches.patching import installed_version
 from kl_patches.audit.tolerances import ENUMERATION_REL, LIBRARY_GRADIENT, LIBRARY_PARITY
 
+from kl_patches.integrations.verl.compat import loss_agg_modes
+
 SPEC = PolicySpec()
+#: loss_agg_mode values besides verl's default token-mean in the installed verl (4 in 0.9, 3 in 0.8: no token-sum)
+OTHER_AGG_MODES = len(loss_agg_modes()) - 1
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def test_records_cover_every_cell_on_and_off_policy(records):
     from kl_patches.integrations.verl.audit import check_step_cells, default_cells
 
     cells = default_cells()
-    assert len(records) == 2 * (len(cells) + len(check_step_cells())) and len(cells) >= 35
+    assert len(records) == 2 * (len(cells) + len(check_step_cells())) and len(cells) == 24 + 3 * OTHER_AGG_MODES
     assert {r.library for r in records} == {"verl"} and {r.library_version for r in records} == {installed_version("verl")}
     assert {r.policy for r in records} == {"on", "off"} and not any(r.user_config for r in records)
     assert not [r for r in records if r.verdict == "not covered"]
@@ -46,7 +50,7 @@ def test_records_cover_every_cell_on_and_off_policy(records):
     for value in ("k1-rtg-loss step", "kl_penalty=k1-in-reward", "kl_loss_type=low_var_kl+ (= k3+)",
                   "kl_loss_type=abs", "kl_loss_type=mse (= k2)", "gae, lam=0.95", "grpo, norm_adv_by_std_in_grpo=False"):
         assert value in listed
-    for mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+    for mode in loss_agg_modes()[1:]:  # every value the installed verl accepts besides its default
         assert f"loss_agg_mode={mode}" in listed
 
 
@@ -63,7 +67,7 @@ def test_k1_rtg_loss_is_exact_on_and_off_policy_through_the_step(records):
 
 def test_k1_in_reward_is_exact_on_policy_for_every_estimator_and_says_so_off_policy(records):
     cells = [r for r in records if r.mode == "k1-in-reward" and not r.spec.get("step")]
-    assert len(cells) == 20
+    assert len(cells) == 2 * (6 + OTHER_AGG_MODES)  # every estimator, grpo x every non-default loss_agg_mode
     for record in cells:
         length_weighted = "seq-mean-token-mean" in record.configuration
         if record.policy == "on":
@@ -80,9 +84,8 @@ def test_k1_in_reward_is_exact_on_policy_for_every_estimator_and_says_so_off_pol
 EXACT_VERL_CELLS_ON_POLICY = {
     "algorithm.kl_penalty=kl, grpo, norm_adv_by_std_in_grpo=False",
     "algorithm.kl_penalty=kl, rloo",
-    "algorithm.kl_penalty=kl, rloo, loss_agg_mode=token-sum",
-    "algorithm.kl_penalty=kl, rloo, loss_agg_mode=seq-mean-token-sum",
-    "algorithm.kl_penalty=kl, rloo, loss_agg_mode=seq-mean-token-sum-norm",
+    *[f"algorithm.kl_penalty=kl, rloo, loss_agg_mode={mode}" for mode in loss_agg_modes()
+      if mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")],
 }
 
 
@@ -90,7 +93,8 @@ def test_verls_own_configurations(records):
     """verl's cells: exact exactly where the taxonomy says (k1 in reward with a sample-independent baseline and
     a batch-constant loss), biased elsewhere, all biased on a stale batch; the fix is a kl-patches value."""
     verl = [r for r in records if r.mode == "library"]
-    assert len(verl) == 2 * 26
+    # 8 kl_loss_type cells, 10 reward cells (kl / low_var_kl x 5 estimators), low_var_kl and rloo x each other mode
+    assert len(verl) == 2 * (18 + 2 * OTHER_AGG_MODES)
     for record in verl:
         exact = record.policy == "on" and record.configuration in EXACT_VERL_CELLS_ON_POLICY
         assert (record.verdict == "exact") == exact, (record.configuration, record.policy, record.rel_err)
@@ -187,11 +191,21 @@ def user_audit(args=(), config=None, spec=None):
 STEP_SPEC = PolicySpec(vocab=3, horizon=2)  # the step audit enumerates every ordered batch: a small policy
 
 
+def engine_logp_by_default() -> bool:
+    """verl 0.9's rollout.calculate_log_probs defaults to True, verl 0.8's to False."""
+    from kl_patches.integrations.verl.audit import load_user_config
+
+    return bool(load_user_config(None, []).actor_rollout_ref.rollout.calculate_log_probs)
+
+
 def test_user_overrides_low_var_kl_are_biased_and_the_fix_makes_them_exact():
     args = ["actor_rollout_ref.actor.kl_loss_type=low_var_kl", "actor_rollout_ref.actor.use_kl_loss=true"]
     got = user_audit(args)
+    # where verl's default leaves mu to the trainer's recomputation (0.8), the fix also asks for the engine's
+    fix = "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss" + (
+        "" if engine_logp_by_default() else " actor_rollout_ref.rollout.calculate_log_probs=True")
     for record in got.values():
-        assert record.verdict == "biased" and record.fix == "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss"
+        assert record.verdict == "biased" and record.fix == fix
         assert record.configuration.startswith("your configuration: actor.kl_loss_type=low_var_kl")
     fixed = user_audit(args + got["on"].fix.split())
     assert all(r.verdict == "exact" for r in fixed.values())
@@ -226,7 +240,8 @@ def test_user_config_with_both_kl_paths_applies_both_terms():
     args = ["actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
             "actor_rollout_ref.actor.kl_loss_coef=0.2", "algorithm.use_kl_in_reward=true",
             "algorithm.kl_penalty=k1-in-reward", "algorithm.kl_ctrl.kl_coef=0.3", "algorithm.adv_estimator=rloo",
-            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum", "data.train_batch_size=256"]
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum", "data.train_batch_size=256",
+            "actor_rollout_ref.rollout.calculate_log_probs=True"]  # verl 0.8's default is False
     got = user_audit(args, spec=STEP_SPEC)
     assert got["on"].verdict == "exact" and got["on"].placement == "reward+loss"
     assert got["off"].verdict == "biased"  # the reward-side term is on-policy only
@@ -238,6 +253,7 @@ def test_user_yaml_configs_dumped_and_hydra_style(tmp_path):
     dumped = load_user_config()
     dumped.actor_rollout_ref.actor.use_kl_loss = True
     dumped.actor_rollout_ref.actor.kl_loss_type = "k3+"
+    dumped.actor_rollout_ref.rollout.calculate_log_probs = True  # verl 0.8's default is False (mu: see test_step)
     OmegaConf.save(dumped, tmp_path / "dumped.yaml")
     got = user_audit(config=str(tmp_path / "dumped.yaml"))
     assert got["on"].verdict == "biased" and "kl_loss_type=k3+" in got["on"].configuration
@@ -246,7 +262,7 @@ def test_user_yaml_configs_dumped_and_hydra_style(tmp_path):
     assert all(r.verdict == "exact" and r.spec["step"] for r in got.values())
     (tmp_path / "recipe.yaml").write_text(
         "defaults:\n  - ppo_trainer\n  - _self_\nactor_rollout_ref:\n  actor:\n    use_kl_loss: true\n"
-        "    kl_loss_type: k1-rtg-loss\n")
+        "    kl_loss_type: k1-rtg-loss\n  rollout:\n    calculate_log_probs: true\n")
     assert os.path.isdir(verl_config_dir())
     got = user_audit(config=str(tmp_path / "recipe.yaml"), spec=STEP_SPEC)
     assert all(r.verdict == "exact" for r in got.values())
@@ -277,7 +293,8 @@ def test_cli_exits_non_zero_for_a_biased_configuration_and_prints_the_override()
     assert "Fix: actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss" in result.stdout
     result = run_cli("check", "--library", "verl", "--vocab", "3", "--horizon", "2", "--json", "--",
                      "actor_rollout_ref.actor.use_kl_loss=true",
-                     "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss")
+                     "actor_rollout_ref.actor.kl_loss_type=k1-rtg-loss",
+                     "actor_rollout_ref.rollout.calculate_log_probs=True")  # verl 0.8's default is False
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(result.stdout)
     assert [r["verdict"] for r in rows] == ["exact", "exact"] and all(r["library"] == "verl" for r in rows)

@@ -17,7 +17,8 @@ from kl_patches import terms
 from kl_patches.audit.tolerances import LIBRARY_PATH, SPLIT_INVARIANCE
 
 VERL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "kl+", "abs+", "mse+", "k2+", "low_var_kl+", "k3+")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+#: the installed verl's loss_agg_mode values (verl 0.8 has no token-sum)
+AGG_MODES = __import__("kl_patches.integrations.verl.compat", fromlist=["x"]).loss_agg_modes()
 
 
 def loss_and_grad(batch, settings, function=None, **global_info):
@@ -155,10 +156,11 @@ def test_k1_rtg_loss_on_the_first_mini_batch_is_the_on_policy_surrogate(make_bat
     """old_log_probs == current log-probs: every per-decision weight is 1, the on-policy formula."""
     batch = make_batch()
     batch = type(batch)(**{**vars(batch), "behaviour_logp": torch.where(batch.mask, batch.logp.detach(), batch.behaviour_logp)})
-    loss, grad, _ = loss_and_grad(batch, rtg_settings(kl_loss_coef=1.0, loss_agg_mode="token-sum"),
+    mode, normalizer = ("token-sum", 1.0) if "token-sum" in AGG_MODES else ("seq-mean-token-sum", float(N_SEQ))
+    loss, grad, _ = loss_and_grad(batch, rtg_settings(kl_loss_coef=1.0, loss_agg_mode=mode),
                                   batch_num_tokens=17, global_batch_size=N_SEQ)
     logp = batch.logp.detach().clone().requires_grad_(True)
-    on_policy = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, normalizer=1.0)
+    on_policy = terms.kl_rtg_loss(logp, batch.ref_logp, batch.mask, beta=1.0, normalizer=normalizer)
     (on_grad,) = torch.autograd.grad(on_policy, logp)
     torch.testing.assert_close(grad, on_grad, **LIBRARY_PATH)
 
@@ -271,13 +273,27 @@ print("PARITY" + json.dumps(out))
 """
 
 
+def plugin_switch() -> dict:
+    """The environment that loads kl-patches in a fresh verl process ("auto") and the one that does not ("none"):
+    verl 0.9's plugin discovery on / off; verl 0.8's VERL_USE_EXTERNAL_MODULES naming the plugin / unset."""
+    import importlib.metadata
+
+    from kl_patches.integrations.verl import compat
+
+    if compat.loads_entry_points(importlib.metadata.version("verl")):
+        return {"auto": {"VERL_USE_EXTERNAL_PLUGINS": "auto"}, "none": {"VERL_USE_EXTERNAL_PLUGINS": "none"}}
+    return {"auto": {compat.PLUGIN_ENV: compat.PLUGIN_MODULE}, "none": {}}
+
+
 def test_plugin_installed_or_not_gives_bit_identical_results_for_verl_values():
-    """The same script in two fresh processes: verl's plugin discovery on (kl-patches patches installed) and
-    off (``VERL_USE_EXTERNAL_PLUGINS=none``: verl's functions untouched). Floats compared exactly."""
+    """The same script in two fresh processes: kl-patches loaded by verl (its patches installed) and not
+    (verl's functions untouched; ``plugin_switch``). Floats compared exactly."""
     here = os.path.dirname(os.path.abspath(__file__))
     runs = {}
-    for policy in ("auto", "none"):
-        env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": policy}
+    for policy, switch in plugin_switch().items():
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("VERL_USE_EXTERNAL_MODULES", "VERL_USE_EXTERNAL_PLUGINS")}
+        env.update(switch)
         result = subprocess.run([sys.executable, "-c", PARITY_SCRIPT, here], capture_output=True, text=True, env=env,
                                 cwd=here, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -16,8 +16,15 @@ import pytest
 from kl_patches.modes import KLModeError
 from kl_patches.patching import PatchError
 
-#: (module, attribute) -> (defining module, attribute): every place verl 0.9 binds a patched function.
-BINDINGS = {
+from kl_patches.integrations.verl import compat
+
+VERL = importlib.metadata.version("verl")
+ENTRY_POINTS = compat.loads_entry_points(VERL)
+#: what makes verl load the plugin in a fresh process: nothing on 0.9 (entry point); the variable on 0.8
+LOAD_ENV = {} if ENTRY_POINTS else {compat.PLUGIN_ENV: compat.PLUGIN_MODULE}
+
+#: (module, attribute) -> defining module: every place verl binds a patched function, in every supported version
+COMMON_BINDINGS = {
     ("verl.workers.utils.losses", "ppo_loss"): "verl.workers.utils.losses",
     ("verl.workers.engine_workers", "ppo_loss"): "verl.workers.utils.losses",
     ("verl.trainer.distillation.losses", "ppo_loss"): "verl.workers.utils.losses",
@@ -25,19 +32,31 @@ BINDINGS = {
     ("verl.workers.utils.losses", "kl_penalty"): "verl.trainer.ppo.core_algos",
     ("verl.trainer.distillation.losses", "kl_penalty"): "verl.trainer.ppo.core_algos",
     ("verl.trainer.ppo.ray_trainer", "apply_kl_penalty"): "verl.trainer.ppo.ray_trainer",
-    ("verl.trainer.ppo.v1.trainer_base", "apply_kl_penalty"): "verl.trainer.ppo.ray_trainer",
     ("verl.experimental.separation.ray_trainer", "apply_kl_penalty"): "verl.trainer.ppo.ray_trainer",
     ("verl.trainer.ppo.ray_trainer", "compute_advantage"): "verl.trainer.ppo.ray_trainer",
-    ("verl.trainer.ppo.v1.utils", "compute_advantage"): "verl.trainer.ppo.ray_trainer",
     ("verl.experimental.separation.ray_trainer", "compute_advantage"): "verl.trainer.ppo.ray_trainer",
-    ("verl.trainer.ppo.v1.utils", "compute_advantage_for_multi_trajectories"): "verl.trainer.ppo.v1.utils",
-    ("verl.trainer.ppo.v1.trainer_base", "compute_advantage_for_multi_trajectories"): "verl.trainer.ppo.v1.utils",
     ("verl.utils.config", "validate_config"): "verl.utils.config",
     ("verl.utils", "validate_config"): "verl.utils.config",
     ("verl.trainer.main_ppo", "validate_config"): "verl.utils.config",
-    ("verl.trainer.main_ppo_v0", "validate_config"): "verl.utils.config",
     ("verl.experimental.one_step_off_policy.main_ppo", "validate_config"): "verl.utils.config",
 }
+#: the agent-session trainer: verl 0.9's V1 trainer, verl 0.8's main_ppo_sync
+VERSION_BINDINGS = {
+    "0.9": {
+        ("verl.trainer.ppo.v1.trainer_base", "apply_kl_penalty"): "verl.trainer.ppo.ray_trainer",
+        ("verl.trainer.ppo.v1.utils", "compute_advantage"): "verl.trainer.ppo.ray_trainer",
+        ("verl.trainer.ppo.v1.utils", "compute_advantage_for_multi_trajectories"): "verl.trainer.ppo.v1.utils",
+        ("verl.trainer.ppo.v1.trainer_base", "compute_advantage_for_multi_trajectories"): "verl.trainer.ppo.v1.utils",
+        ("verl.trainer.main_ppo_v0", "validate_config"): "verl.utils.config",
+    },
+    "0.8": {
+        ("verl.trainer.main_ppo_sync", "apply_kl_penalty"): "verl.trainer.ppo.ray_trainer",
+        ("verl.trainer.main_ppo_sync", "compute_advantage"): "verl.trainer.ppo.ray_trainer",
+        ("verl.trainer.main_ppo_sync", "compute_advantage_for_multi_trajectories"): "verl.trainer.main_ppo_sync",
+        ("verl.trainer.main_ppo_sync", "validate_config"): "verl.utils.config",
+    },
+}
+BINDINGS = {**COMMON_BINDINGS, **VERSION_BINDINGS[".".join(VERL.split(".")[:2])]}
 
 #: A fresh interpreter: import verl's trainer and worker modules in the order ``python -m
 #: verl.trainer.main_ppo`` and a worker actor do, then report where every binding points.
@@ -57,7 +76,8 @@ print("REPORT" + json.dumps(report))
 
 
 def run_probe(env_extra: dict | None = None) -> dict:
-    env = {**os.environ, **(env_extra or {})}
+    env = {key: value for key, value in os.environ.items() if key != compat.PLUGIN_ENV}
+    env.update(env_extra or {})
     bindings = {f"{module}:{attribute}": owner for (module, attribute), owner in BINDINGS.items()}
     result = subprocess.run([sys.executable, "-c", PROBE, json.dumps(bindings)], capture_output=True, text=True,
                             env=env, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
@@ -74,15 +94,32 @@ def test_entry_point_is_declared_in_verls_plugin_group():
 
 
 def test_verl_loads_the_plugin_on_import_and_every_binding_is_patched():
-    report = run_probe()
+    """0.9: the entry point alone; 0.8: verl's VERL_USE_EXTERNAL_MODULES naming the plugin (the documented way)."""
+    report = run_probe(LOAD_ENV)
     assert report["enabled_mode"] == "library" and report["plugin_error"] is None
     assert report["bindings"] and all(patched and same for patched, same in report["bindings"].values()), report
 
 
-def test_verls_own_plugin_switch_turns_it_off():
-    report = run_probe({"VERL_USE_EXTERNAL_PLUGINS": "none"})
+def test_without_verls_loading_mechanism_nothing_is_patched():
+    """0.9: verl's own plugin switch turns it off; 0.8: without VERL_USE_EXTERNAL_MODULES verl never loads it."""
+    report = run_probe({"VERL_USE_EXTERNAL_PLUGINS": "none"} if ENTRY_POINTS else {})
     assert report["enabled_mode"] is None
     assert not any(patched for patched, _ in report["bindings"].values())
+
+
+def test_every_version_specific_target_module_is_patched_on_the_installed_version(patched):
+    """The targets table holds both versions' agent-session trainer rows; only the installed verl's are armed."""
+    from kl_patches.integrations.verl import TARGETS
+
+    modules = patched.target_modules()
+    absent = [target for target in TARGETS if target.module not in modules]
+    for target in patched.targets:
+        module = importlib.import_module(target.module)  # exists in this version
+        assert getattr(vars(module)[target.attribute], "__kl_patches__", False), target.path
+    # the other version's agent-session trainer module, which this verl does not have
+    assert len(absent) == 1 and absent[0].attribute == "compute_advantage_for_multi_trajectories"
+    with pytest.raises(ImportError):
+        importlib.import_module(absent[0].module)
 
 
 def test_in_process_every_binding_points_to_the_patched_function(patched):
@@ -133,9 +170,36 @@ def unsupported_version(monkeypatch, patched):
 
 
 def test_unsupported_verl_version_is_refused_naming_it(unsupported_version, patched):
-    with pytest.raises(PatchError, match=r"verl 0\.10\.0 is not supported .*verl>=0\.9\.0,<0\.9\.2"):
+    with pytest.raises(PatchError, match=r"verl 0\.10\.0 is not supported .*verl >=0\.8\.0,<0\.8\.1 or "
+                                         r">=0\.9\.0,<0\.9\.2\); the closest supported version is verl 0\.9\.1"):
         patched.enable("library")
     assert patched.enabled_mode() is None
+
+
+@pytest.mark.parametrize("version, closest, reason", [
+    ("0.7.1", "0.8.0", "dp_actor.py::DataParallelPPOActor.update_policy"),
+    ("0.6.0", "0.8.0", "dp_actor.py::DataParallelPPOActor.update_policy"),
+    ("0.5.0", "0.8.0", "dp_actor.py::DataParallelPPOActor.update_policy"),
+    ("0.8.1", "0.8.0", None),
+    ("0.9.2", "0.9.1", None),
+    ("0.9.0rc1", "0.9.1", None),
+])
+def test_every_other_version_is_refused_by_name_with_the_closest_supported_one(version, closest, reason):
+    with pytest.raises(PatchError) as error:
+        compat.check_version(version)
+    message = str(error.value)
+    assert message.startswith(f"verl {version} is not supported by kl-patches")
+    assert f"the closest supported version is verl {closest} (pip install 'verl=={closest}')" in message
+    assert (reason in message) if reason else ("update_policy" not in message)
+
+
+def test_the_version_table_records_the_installed_verls_loss_agg_modes():
+    assert compat.loss_agg_modes() == compat.LOSS_AGG_MODES[compat.line(VERL)]
+
+
+@pytest.mark.parametrize("version", ["0.8.0", "0.9.0", "0.9.1"])
+def test_supported_versions_pass_the_check(version):
+    assert compat.check_version(version) == version
 
 
 def test_plugin_on_unsupported_version_logs_and_refuses_kl_patches_values(unsupported_version, monkeypatch, caplog):
@@ -176,5 +240,11 @@ def test_the_verl_extra_installs_only_supported_versions():
 
     requirements = [Requirement(text) for text in importlib.metadata.requires("kl-patches") or []]
     verl = [r for r in requirements if r.name == "verl" and r.marker and r.marker.evaluate({"extra": "verl"})]
-    assert len(verl) == 1 and verl[0].specifier == SpecifierSet(SUPPORTED)
-    assert importlib.metadata.version("verl") in SpecifierSet(SUPPORTED)
+    # PEP 440 cannot say "0.8.0 or 0.9.x": the extra pins the hull of the supported lines, the adapter the union
+    assert SUPPORTED == " or ".join(compat.SUPPORTED_RANGES) == ">=0.8.0,<0.8.1 or >=0.9.0,<0.9.2"
+    assert len(verl) == 1 and verl[0].specifier == SpecifierSet(compat.EXTRA)
+    assert SpecifierSet(compat.EXTRA) == SpecifierSet(">=0.8.0,<0.9.2")
+    # every verl release in the hull is supported (PyPI: 0.8.0, 0.9.0, 0.9.1; nothing between 0.8.0 and 0.9.0)
+    for release in ("0.8.0", "0.9.0", "0.9.1"):
+        assert release in SpecifierSet(compat.EXTRA) and compat.is_supported(release)
+    assert compat.is_supported(VERL) and VERL in compat.RELEASES  # the installed version is one CI installs

@@ -5,7 +5,8 @@ inside those processes.
 cluster with the runtime environment verl builds (``get_ppo_ray_runtime_env``) and starts a ``TaskRunner``
 actor; the probe TaskRunner then starts a verl ``RayWorkerGroup`` (placement group, worker env vars, the
 ``Worker`` base class) the way verl's trainers start ``ActorRolloutRefWorker``. No test code patches anything:
-whatever is patched in those processes was patched by the ``verl.plugins`` entry point on ``import verl``.
+whatever is patched in those processes was patched on ``import verl`` by the ``verl.plugins`` entry point (0.9) or
+by the module ``VERL_USE_EXTERNAL_MODULES`` names (0.8: exported before the run, as docs/verl.md says).
 """
 
 from __future__ import annotations
@@ -149,15 +150,31 @@ def ray_report(tmp_path_factory):
     # A user's run starts from their own directory; so does this one.
     cwd = os.getcwd()
     os.chdir(output.parent)
+    from kl_patches.integrations.verl import compat
+
+    env = {} if compat.loads_entry_points(installed_version_of_verl()) else {compat.PLUGIN_ENV: compat.PLUGIN_MODULE}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # what the user exports before `python -m verl.trainer.main_ppo` on verl 0.8
     try:
         main_ppo.run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(make_probe_classes()))
     finally:
         ray.shutdown()
         os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return json.loads(output.read_text())
 
 
 MAX_LENGTH = 8  # data.max_response_length of the probed run
+
+
+def installed_version_of_verl() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("verl")
 
 
 def expected_losses(raw: dict) -> dict:

@@ -4,6 +4,8 @@ advantage is verl's estimator on the task reward alone plus -beta * (KL_i - b_i)
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -150,7 +152,11 @@ def test_v1_multi_trajectory_sessions_carry_their_whole_kl(make_batch, estimator
     (verl scores whole sessions), and the per-output KL part for the other estimators (per-output trajectories)."""
     from kl_patches.integrations.verl.audit import KLSettings, algo_config, reward_data
     from verl.trainer.ppo import core_algos, ray_trainer
-    from verl.trainer.ppo.v1 import utils as v1_utils
+    from kl_patches.integrations.verl import INTEGRATION
+
+    # verl 0.9's V1 trainer (verl.trainer.ppo.v1.utils) or verl 0.8's main_ppo_sync: the module this verl has
+    (name,) = [t.module for t in INTEGRATION.targets if t.attribute == "compute_advantage_for_multi_trajectories"]
+    v1_utils = importlib.import_module(name)
 
     batch, keys, uids = multi_trajectory_batch(make_batch)
     scores = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.25, 0.75, 1.5], dtype=torch.float64)
