@@ -18,8 +18,8 @@ verl's clamp to [-10, 10]; not the core's ``estimators.k3``, which validates and
 lower bound. Each repetition runs every variant once in a fresh random order; a timing value is the mean of as
 many back-to-back calls as last >= 20 ms (sub-millisecond KL-only steps are otherwise timer noise). The CSV holds
 the median / p20 / p80 time and per-repetition ratio to ``unpatched``; a target counts as "met" only when the p80
-of the ratio is within it, "within noise" when the p20-p80 band straddles it. ``--lengths`` sets the response
-lengths.
+of the ratio is within it, "within noise" when the p20-p80 band straddles it (TRL: the 90 % CI of the median
+ratio, see below). ``--lengths`` sets the response lengths.
 
 Memory, two CPU measures (tracemalloc does not see torch's allocator): ``saved_bytes`` = bytes of the unique
 storages the autograd graph saves for backward (``torch.autograd.graph.saved_tensors_hooks``), and ``peak_rss`` =
@@ -32,12 +32,15 @@ stats); where it does not, the script says it skipped it.
 Libraries (verl, OpenRLHF, whose loss code takes log-prob tensors): their real loss functions through the adapters'
 helpers (``_libraries``), the library's default KL (unpatched, in two slots: the second is the A/A control) against
 the kl-patches mode that replaces it, loss side and reward side, in a fresh random order per repetition, each in the
-patch state it needs; memory = saved bytes only. The OpenRLHF harness (the adapter's audit helpers) wraps tensors in
+patch state it needs; memory = saved bytes only. An LM-head point repeats until its verdict is decided (or 120 s). The OpenRLHF harness (the adapter's audit helpers) wraps tensors in
 a float64-preserving subclass whose per-op dispatch cost both sides pay. TRL: its own ``GRPOTrainer`` (twice: A/A
 control) against kl-patches' drop-in subclass in each mode, on a small Llama with generation replaced by a fixed
 batch of completions, on-policy with TRL's defaults, response lengths 128/512/2048 and batches 8/64 (``--lengths``,
 ``--batches``): scoring (``_generate_and_score_completions``) and ``compute_loss`` + backward, timed separately and
 together; memory = saved bytes of the loss and the peak RSS of a whole step in a fresh subprocess (``--probe-trl``).
+A TRL point repeats until every mode's verdict is decided (the 90 % CI of its median step ratio lies wholly within
+or wholly above 1.03) or its time budget (``--budget``, seconds per point) runs out, then says "within noise";
+Python's garbage collector runs between timed steps, not inside them, in every slot alike.
 
 Also recorded: the wall time of ``kl-patches check --library <lib>`` in a fresh process (library import included)
 for core and every installed library.
@@ -76,6 +79,8 @@ THREADS = 1
 #: interleaved repetitions per source: sub-millisecond KL-only steps need many to beat a shared machine's jitter
 REPETITIONS = {"tensors": 41, "lm-head": 15}
 LIBRARY_REPETITIONS = {"tensors": 41, "lm-head": 15}
+#: seconds per verl / OpenRLHF LM-head point before an undecided verdict stops as "within noise"
+LIBRARY_BUDGET_S = 120.0
 
 
 def make_inputs(source: str, length: int, seed: int = 0) -> dict:
@@ -196,33 +201,62 @@ def time_interleaved(steps: dict, inputs: dict, repetitions: int, min_sample: fl
     return times
 
 
-def median_ci(values: list[float], level: float = 0.9, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+def median_ci(values: list[float], level: float = 0.9, resamples: int = 4000, seed: int = 0,
+              blocks: list[int] | None = None) -> tuple[float, float]:
     """Percentile-bootstrap confidence interval of the median: unlike the p20-p80 band of single repetitions (the
     spread of one measurement, which more repetitions do not narrow), it shrinks as repetitions accumulate, so it
-    is what resolves a 3 % target."""
+    is what resolves a 3 % target. ``blocks`` (sizes of consecutive runs of ``values`` measured on the same
+    instances) resamples whole blocks: an instance's own offset (its memory layout) then counts as noise, not as
+    signal, and the interval stays honest however many repetitions one block holds."""
     import random
 
     if len(values) < 3:
         return min(values), max(values)
     draw = random.Random(seed)
-    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    if blocks and len(blocks) > 1:
+        starts = [sum(blocks[:i]) for i in range(len(blocks))]
+        groups = [values[start:start + size] for start, size in zip(starts, blocks)]
+        medians = sorted(statistics.median([v for group in draw.choices(groups, k=len(groups)) for v in group])
+                         for _ in range(resamples))
+    else:
+        medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
     return medians[int((1 - level) / 2 * resamples)], medians[int((1 + level) / 2 * resamples) - 1]
 
 
-def add_ratio_rows(rows: _common.Rows, ratios: list[float], **common) -> None:
+def add_ratio_rows(rows: _common.Rows, ratios: list[float], blocks: list[int] | None = None, **common) -> None:
     """The per-repetition ratios (median, p20, p80) and, as metric ``time_ratio_ci90``, the median with the 90 %
     bootstrap confidence interval of the median in the p20 / p80 columns."""
     rows.add(metric="time_ratio_vs_unpatched", unit="ratio", values=ratios, **common)
-    low, high = median_ci(ratios)
+    low, high = median_ci(ratios, blocks=blocks)
     rows.add(metric="time_ratio_ci90", unit="ratio (p20/p80 columns: 90 % CI of the median)",
              values=ratios, summary=(statistics.median(ratios), low, high), **common)
 
 
-def verdict(ratios: list[float], target: float) -> str:
-    """'met' when the p80 of the per-repetition ratios is within the target, 'not met' when even the p20 is
-    above it, else 'within noise' (the band straddles the target)."""
-    _, low, high = _common.quantiles(ratios)
+def repeat_until_decided(repetition, decided, minimum: int, maximum: int, budget: float) -> int:
+    """Run ``repetition()`` (every slot once) ``minimum`` times, then until ``decided()`` (checked every 5) or
+    ``budget`` seconds have passed or ``maximum`` is reached; the number run. Stopping when the CI excludes the
+    target tests repeatedly, so the 90 % is nominal; the budget caps it, and an undecided row says so."""
+    started, count = time.perf_counter(), 0
+    while count < maximum:
+        repetition()
+        count += 1
+        if count >= minimum and count % 5 == 0 and (decided() or time.perf_counter() - started > budget):
+            break
+    return count
+
+
+def verdict(ratios: list[float], target: float, blocks: list[int] | None = None) -> str:
+    """'met' when the 90 % CI of the median ratio lies within the target, 'not met' when it lies above it, else
+    'within noise' (the interval straddles the target: more repetitions, or a quieter machine, would decide)."""
+    low, high = median_ci(ratios, blocks=blocks)
     return "met" if high <= target else ("not met" if low > target else "within noise")
+
+
+def floor_resolved(ratios: list[float], target: float, blocks: list[int] | None = None) -> bool:
+    """Whether the A/A control's 90 % CI lies within [1/target, target]: the noise floor is below the effect
+    sought, so a verdict at that target means something."""
+    low, high = median_ci(ratios, blocks=blocks)
+    return 1 / target <= low and high <= target
 
 
 def saved_bytes(step, inputs: dict) -> int:
@@ -430,6 +464,12 @@ TRL_VARIANTS = ("unpatched", CONTROL, "k1-rtg-loss", "k1-in-reward")
 #: (64, 2048) corner, whose step takes ~2 minutes on a 2-core CPU (the KL's share of a step only shrinks there:
 #: it is O(B T) next to the model's O(B T^2) attention)
 TRL_GRID = ((8, 128), (8, 512), (8, 2048), (64, 128), (64, 512))
+#: TRL timing in blocks, each on fresh trainers (identical trainers differ by up to ~3 % through their memory layout,
+#: as large as the effect sought): a block lasts ~TRL_BLOCK_S (3..TRL_BLOCK_REPETITIONS repetitions); at least
+#: TRL_MIN_BLOCKS, then until the A/A control's CI lies within +-3 % and every mode's verdict is decided, or the budget
+#: (seconds per point) is spent. A step's run-to-run jitter on a shared 2-core VM is +-10-15 %.
+TRL_BLOCK_S, TRL_BLOCK_REPETITIONS, TRL_MIN_BLOCKS, TRL_MAX_BLOCKS, TRL_BUDGET_S = 20.0, 25, 6, 60, 420.0
+MAX_REPETITIONS = 1000
 
 
 def trl_trainers(length: int, folder: str, batch: int = BATCH, names=TRL_VARIANTS):
@@ -542,7 +582,14 @@ def trl_peak_rss_probe(variant: str, length: int, batch: int) -> dict:
         return {"peak_kib": _status_kib("VmHWM") - before}
 
 
-def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, grid=None) -> None:
+def step_ratios(times: dict, name: str) -> list[float]:
+    """Per-repetition ratio of a TRL variant's whole step (scoring + loss) to the unpatched trainer's."""
+    return [(a + b) / (c + d) for a, b, c, d in zip(times[(name, "score")], times[(name, "loss")],
+                                                    times[("unpatched", "score")], times[("unpatched", "loss")])]
+
+
+def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, grid=None,
+                 budget: float = TRL_BUDGET_S) -> None:
     """TRL's real step, patched versus unpatched: ``_generate_and_score_completions`` (TRL's scoring of a fixed
     generation batch: rewards, advantages, reference log-probs; k1-in-reward adds one no-grad policy forward per
     generation batch for the whole-batch sequence KL, k1-rtg-loss adds nothing) and ``compute_loss`` + backward,
@@ -550,6 +597,7 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, gr
     response lengths and batch sizes, every variant once per repetition in a fresh random order, with TRL's own
     trainer in a second slot as the A/A control. Memory: saved-for-backward bytes of compute_loss, and the peak RSS
     of a whole step in a fresh subprocess (3 each for the unpatched trainer and each mode, at the largest length)."""
+    import gc
     import random
     import tempfile
 
@@ -571,27 +619,65 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, gr
     order = random.Random(0)
     for batch, length in grid:
         lengths = [t for b, t in grid if b == batch]
-        # enough repetitions for a p20-p80 band narrower than the effect (5 gave +-30 %); fewer for slow steps
-        repetitions = 1 if quick else (21 if batch * length <= 4096 else 11 if batch * length <= 16384 else 7)
+        prompts = [{"prompt": "w1 w2"}] * batch
+        times: dict = {}
+        blocks: list[int] = []
+        retired: set[str] = set()
+        block_count: dict[str, int] = {}
+
+        def blocks_of(name: str) -> list[int]:
+            """The blocks ``name`` ran in: all of them, or the first ones for a mode that left the rotation."""
+            return blocks[:block_count[name]]
+
+        saved, work = {}, {}
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            trainers = trl_trainers(length, folder, batch)
-            prompts = [{"prompt": "w1 w2"}] * batch
-            times = {(name, part): [] for name in trainers for part in ("score", "loss")}
-            saved = {}
-            names = list(trainers)
-            for name in names:
-                trl_step(trainers[name], prompts)  # warm-up
-                trainer = trainers[name]
-                inputs = trainer._generate_and_score_completions(prompts)
-                saved[name] = saved_bytes(lambda _: trainer.compute_loss(trainer.model, inputs).backward(), {})
-                trainer.model.zero_grad(set_to_none=True)
-            for _ in range(repetitions):
-                for name in order.sample(names, len(names)):  # a fresh random order every repetition
-                    score, loss = trl_step(trainers[name], prompts)
-                    times[(name, "score")].append(score)
-                    times[(name, "loss")].append(loss)
-            work = {name: step_work(lambda: trl_step(trainers[name], prompts)) for name in names}
-            del trainers
+            while True:
+                # a block: fresh trainers in every slot (a new memory layout each time), then interleaved steps
+                # a mode whose CI already lies above the target leaves the rotation: its verdict cannot change
+                # and the undecided ones get its time
+                trainers = trl_trainers(length, folder, batch, names=[n for n in TRL_VARIANTS if n not in retired])
+                names = list(trainers)
+                for name in names:
+                    trl_step(trainers[name], prompts)  # warm-up
+                    for part in ("score", "loss"):
+                        times.setdefault((name, part), [])
+                if not blocks:  # deterministic measures, once
+                    for name in names:
+                        trainer = trainers[name]
+                        inputs = trainer._generate_and_score_completions(prompts)
+                        saved[name] = saved_bytes(lambda _: trainer.compute_loss(trainer.model, inputs).backward(), {})
+                        trainer.model.zero_grad(set_to_none=True)
+                        work[name] = step_work(lambda: trl_step(trainer, prompts))
+                block_started, count = time.perf_counter(), 0
+                while count < (1 if quick else TRL_BLOCK_REPETITIONS) and (
+                        count < 3 or time.perf_counter() - block_started < TRL_BLOCK_S):
+                    for name in order.sample(names, len(names)):  # a fresh random order every repetition
+                        gc.collect()
+                        gc.disable()  # a collection inside one slot's step would be charged to that slot only
+                        try:
+                            score, loss = trl_step(trainers[name], prompts)
+                        finally:
+                            gc.enable()
+                        times[(name, "score")].append(score)
+                        times[(name, "loss")].append(loss)
+                    count += 1
+                blocks.append(count)
+                for name in names:
+                    block_count[name] = len(blocks)
+                del trainers
+                if quick or len(blocks) >= TRL_MAX_BLOCKS:
+                    break
+                modes = [name for name in names if name not in ("unpatched", CONTROL)]
+                verdicts = {n: verdict(step_ratios(times, n), TARGET_TIME, blocks_of(n)) for n in modes}
+                if len(blocks) >= TRL_MIN_BLOCKS:
+                    retired.update(n for n, v in verdicts.items() if v == "not met")
+                decided = floor_resolved(step_ratios(times, CONTROL), TARGET_TIME, blocks) and all(
+                    v != "within noise" for v in verdicts.values())
+                if len(blocks) >= TRL_MIN_BLOCKS and (decided or time.perf_counter() - started > budget):
+                    break
+        repetitions = sum(blocks)
+        names = list(dict.fromkeys(name for name, _ in times))  # every variant, also those that left the rotation
         peaks = {}
         if length == max(lengths) and not quick:
             for name in ("unpatched", "k1-rtg-loss", "k1-in-reward"):
@@ -599,6 +685,8 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, gr
         config = {"batch": batch, "group": GROUP, "beta": 0.04, "model": "Llama hidden 64, 2 layers, vocab 1024",
                   "dtype": "float32", "threads": torch.get_num_threads(), "repetitions": repetitions,
                   "order": "random per repetition", "regime": "on-policy (TRL defaults: no old log-probs)",
+                  "blocks": blocks, "left_rotation_after_not_met": sorted(retired), "stopping": f"A/A within +-3 % and every mode decided against {TARGET_TIME} "
+                  f"(90 % CI of the median, blocks resampled) or {budget:.0f} s",
                   "unpatched": "trl.GRPOTrainer (k3 in loss, TRL's defaults, beta = 0.04)"}
         suffix = f"-b{batch}"
         for name in names:
@@ -607,14 +695,15 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, gr
                 common = dict(what=what + suffix, library="trl", configuration=name, x_name="response length",
                               x=length, config=config)
                 rows.add(metric="time", unit="ms", values=[1e3 * v for v in values], **common)
-                add_ratio_rows(rows, [a / b for a, b in zip(values, times[("unpatched", part)])], **common)
+                add_ratio_rows(rows, [a / b for a, b in zip(values, times[("unpatched", part)])], blocks_of(name),
+                               **common)
                 if part == "loss":
                     rows.add(metric="saved_bytes", unit="bytes", values=saved[name], **common)
             total = [a + b for a, b in zip(times[(name, "score")], times[(name, "loss")])]
             base = [a + b for a, b in zip(times[("unpatched", "score")], times[("unpatched", "loss")])]
             common = dict(what="overhead-trl-step" + suffix, library="trl", configuration=name,
                           x_name="response length", x=length, config=config)
-            add_ratio_rows(rows, [a / b for a, b in zip(total, base)], **common)
+            add_ratio_rows(rows, [a / b for a, b in zip(total, base)], blocks_of(name), **common)
             rows.add(metric="time", unit="ms", values=[1e3 * v for v in total], **common)
             for metric in ("flops", "ops", "elements"):  # counted: deterministic, no noise floor
                 rows.add(what="work-trl-step" + suffix, library="trl", configuration=name, metric=metric,
@@ -629,12 +718,12 @@ def trl_overhead(rows: _common.Rows, quick: bool, lengths=None, batches=None, gr
                 if peaks.get("unpatched"):
                     rows.add(metric="peak_rss_delta", unit="bytes",
                              values=[a - statistics.median(peaks["unpatched"]) for a in peak], **common)
-        step_ratio = lambda n: statistics.median(  # noqa: E731
-            (a + b) / (c + d) for a, b, c, d in zip(times[(n, "score")], times[(n, "loss")],
-                                                    times[("unpatched", "score")], times[("unpatched", "loss")]))
         print(f"[{SCRIPT}] trl B={batch:3d} T={length:5d}: unpatched step "
-              f"{1e3 * statistics.median(a + b for a, b in zip(times[('unpatched', 'score')], times[('unpatched', 'loss')])):.0f} ms; "
-              + ", ".join(f"{n} {step_ratio(n):.3f}x" for n in names[1:]), flush=True)
+              f"{1e3 * statistics.median(a + b for a, b in zip(times[('unpatched', 'score')], times[('unpatched', 'loss')])):.0f} ms, "
+              f"{repetitions} repetitions in {len(blocks)} blocks; "
+              + ", ".join(f"{n} {statistics.median(step_ratios(times, n)):.3f}x "
+                          f"[{', '.join(f'{v:.3f}' for v in median_ci(step_ratios(times, n), blocks=blocks_of(n)))}] "
+                          f"{verdict(step_ratios(times, n), TARGET_TIME, blocks_of(n))}" for n in names[1:]), flush=True)
 
 
 def measure_trl_peak_rss(variant: str, length: int, batch: int, repeats: int) -> list[float] | None:
@@ -650,7 +739,8 @@ def measure_trl_peak_rss(variant: str, length: int, batch: int, repeats: int) ->
     return values
 
 
-def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None, batches=None, grid=None) -> None:
+def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None, batches=None, grid=None,
+                     budget: float = TRL_BUDGET_S) -> None:
     """Each pair (the library's default KL, the kl-patches mode replacing it) timed interleaved through the
     library's own loss code (``_libraries``), with the patch state each path needs."""
     import contextlib
@@ -662,12 +752,13 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
     import random
 
     if library == "trl":
-        return trl_overhead(rows, quick, lengths, batches, grid)
+        return trl_overhead(rows, quick, lengths, batches, grid, budget)
     if library not in LIBRARY_PAIRS:
         raise LookupError(f"no overhead pairs for {library}")
     torch.set_num_threads(THREADS)
     lengths = lengths or ((64, 128) if quick else (512, 1024, 2048, 4096))
     order = random.Random(0)
+    budget = min(budget, LIBRARY_BUDGET_S)
     paths = _libraries.checked_paths(library, group=GROUP)
     for unpatched_index, patched_index in LIBRARY_PAIRS[library]:
         unpatched, patched = paths[unpatched_index], paths[patched_index]
@@ -702,7 +793,7 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
                     step(inputs)
                     clear_grads(inputs)
                     calls = max(1, int((0.002 if quick else MIN_SAMPLE_S) / max(time.perf_counter() - started, 1e-6)))
-                for repetition in range(repetitions):
+                def repetition() -> None:
                     for name, context in order.sample(entries, len(entries)):  # random order per repetition
                         with context() as step:
                             started = time.perf_counter()
@@ -710,6 +801,18 @@ def library_overhead(rows: _common.Rows, library: str, quick: bool, lengths=None
                                 step(inputs)
                                 clear_grads(inputs)
                             times[name].append((time.perf_counter() - started) / calls)
+
+                def decided() -> bool:
+                    ratios = [a / b for a, b in zip(times[patched.mode], times["unpatched"])]
+                    floor = [a / b for a, b in zip(times[CONTROL], times["unpatched"])]
+                    return floor_resolved(floor, TARGET_TIME) and verdict(ratios, TARGET_TIME) != "within noise"
+
+                # the KL-only source has no target of its own (nothing else is computed): a fixed count; the
+                # LM-head step repeats until its verdict is decided, like TRL's
+                config["repetitions"] = repeat_until_decided(
+                    repetition, decided if source == "lm-head" else lambda: True, minimum=repetitions,
+                    maximum=repetitions if quick or source == "tensors" else MAX_REPETITIONS,
+                    budget=budget)
                 config["calls_per_sample"] = calls
                 what = f"overhead-{source}-{what_suffix.replace(' ', '-')}"
                 for name, context in entries:
@@ -802,6 +905,9 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", nargs="+", metavar="B:T",
                         help="TRL (batch, response length) points, e.g. 8:128 64:512 (default: 8 x 128/512/2048, "
                         "64 x 128/512)")
+    parser.add_argument("--budget", type=float, default=TRL_BUDGET_S, metavar="S",
+                        help=f"TRL: seconds per (batch, length) point before an undecided verdict stops as "
+                        f"'within noise' (default {TRL_BUDGET_S:.0f})")
     args = parser.parse_args(argv)
     grid = [tuple(int(v) for v in point.split(":")) for point in args.grid] if args.grid else None
     coverage, adapters = _common.resolve_coverage(args.libraries)
@@ -815,7 +921,7 @@ def main(argv=None) -> int:
                     gpu_overhead(rows, args.quick, lengths=args.lengths)
                 else:
                     library_overhead(rows, library, args.quick, lengths=args.lengths, batches=args.batches,
-                                     grid=grid)
+                                     grid=grid, budget=args.budget)
                 check_time(rows, library, args.quick)
             except Exception as err:  # noqa: BLE001 - reported as skipped, never silently
                 coverage.skip(library, f"{type(err).__name__}: {err}")

@@ -359,6 +359,10 @@ def overhead_claims(rows: list[dict]) -> str:
         control = [r for r in mine if "A/A control" in r["configuration"] and r["metric"] == "time_ratio_vs_unpatched"]
         floor = (f"noise floor (A/A control) p20–p80 {fmt(min(med(r, 'p20') for r in control), 3)}–"
                  f"{fmt(max(med(r, 'p80') for r in control), 3)}") if control else "no A/A control measured"
+        control_ci = [r for r in mine if "A/A control" in r["configuration"] and r["metric"] == "time_ratio_ci90"]
+        if control_ci:
+            floor += (f", its 90 % CI of the median within {fmt(min(med(r, 'p20') for r in control_ci), 3)}–"
+                      f"{fmt(max(med(r, 'p80') for r in control_ci), 3)}")
         for variant in variants[1:]:
             if variant == "no KL" or "A/A control" in variant:  # reference points, not kl-patches modes
                 continue
@@ -917,6 +921,11 @@ def cost_summary(rows: list[dict]) -> list[str]:
         floor = (f"A/A control: median {fmt(min(med(r) for r in control), 3)}–{fmt(max(med(r) for r in control), 3)}×, "
                  f"single repetitions p20–p80 {fmt(min(med(r, 'p20') for r in control), 3)}–"
                  f"{fmt(max(med(r, 'p80') for r in control), 3)}" if control else "no A/A control measured")
+        control_ci = [r for r in rows if r["library"] == library and r["what"].startswith(prefix)
+                      and r["metric"] == "time_ratio_ci90" and "A/A control" in r["configuration"]]
+        if control_ci:
+            floor += (f", 90 % CI of its median within {fmt(min(med(r, 'p20') for r in control_ci), 3)}–"
+                      f"{fmt(max(med(r, 'p80') for r in control_ci), 3)}")
         parts = []
         for mode in ("k1-rtg-loss", "k1-in-reward"):
             line = [r for r in mine if r["configuration"].split(":")[0] == mode]
@@ -931,10 +940,33 @@ def cost_summary(rows: list[dict]) -> list[str]:
         batches = sorted({json.loads(r["config"]).get("batch") for r in mine})
         lines.append(f"* {title}: {', '.join(parts)} ({floor}; lengths {xs[0]}–{xs[-1]}, batch "
                      f"{'/'.join(str(b) for b in batches)})")
+        points = point_verdicts(rows, library, prefix, "k1-rtg-loss")
+        if points:
+            lines.append(f"  k1-rtg-loss per point, median [90 % CI] against ≤ 1.03 (A/A control's CI): {points}")
         work = work_summary(rows, library)
         if work:
             lines.append(f"  counted, not timed (no noise): {work}")
     return lines
+
+
+def point_verdicts(rows: list[dict], library: str, prefix: str, mode: str) -> str:
+    """Per (batch, length) point of a grid: the mode's median step ratio with its 90 % CI and verdict, beside the
+    A/A control's CI (a point whose control CI leaves +-3 % has a noise floor above the effect sought)."""
+    ci = [r for r in rows if r["library"] == library and r["what"].startswith(prefix)
+          and r["metric"] == "time_ratio_ci90"]
+    parts = []
+    for r in sorted((r for r in ci if r["configuration"] == mode),
+                    key=lambda r: (json.loads(r["config"]).get("batch", 0), float(r["x"]))):
+        batch = json.loads(r["config"]).get("batch")
+        if batch is None:
+            return ""
+        control = next((c for c in ci if "A/A control" in c["configuration"] and c["x"] == r["x"]
+                        and c["what"] == r["what"]), None)
+        low, high = med(r, "p20"), med(r, "p80")
+        verdict = "met" if high <= 1.03 else ("not met" if low > 1.03 else "within noise")
+        floor = f" (A/A [{med(control, 'p20'):.3f}, {med(control, 'p80'):.3f}])" if control else ""
+        parts.append(f"B {batch} T {int(float(r['x']))}: {med(r):.3f}× [{low:.3f}, {high:.3f}] {verdict}{floor}")
+    return "; ".join(parts)
 
 
 def work_summary(rows: list[dict], library: str) -> str:

@@ -151,10 +151,8 @@ def kl_advantage(
     constant: then the KL part of the gradient is exactly beta * grad KL_seq on-policy. Compute it over the
     whole generation batch (every member of every group), before any shuffle or micro-batch split.
     """
-    check_inputs(logp, ref_logp, mask)
-    check_finite(mask, logp=logp, ref_logp=ref_logp)
     baseline = _canonical_baseline(baseline)
-    seq = sequence_kl(logp, ref_logp, mask)
+    seq = detached_log_ratios(logp, ref_logp, mask)[0].sum(dim=-1)
     if isinstance(baseline, torch.Tensor):
         _check_baseline_tensor(baseline, tuple(logp.shape), allow_positions=False)
         seq = seq - baseline.detach().to(seq.dtype)
@@ -186,7 +184,11 @@ def prefix_importance_weights(
     clamped at :func:`weight_cap` so the loss stays finite; reaching that cap biases the gradient, so it warns
     (:class:`KLPatchesWarning`) and :func:`kl_patches.statistics.importance_weight_stats` counts it.
     """
-    log_rho = log_prefix_weights(logp, behaviour_logp, mask)
+    return _capped_weights(log_prefix_weights(logp, behaviour_logp, mask), mask, truncation, stacklevel=3)
+
+
+def _capped_weights(log_rho: Tensor, mask: Tensor, truncation: float | None, stacklevel: int) -> Tensor:
+    """exp(log rho), clipped at the truncation c and at the dtype cap (warned: a bias); 0 at masked positions."""
     cap = weight_cap(log_rho.dtype)
     if truncation is not None:
         truncation = check_truncation(truncation)
@@ -198,7 +200,7 @@ def prefix_importance_weights(
             f"{fraction:.1%} of the prefix importance weights reached the {log_rho.dtype} cap "
             f"rho = e^{cap:.1f}: the gradient is biased there. The behaviour policy is far from the current one "
             "(stale samples, long responses): set a truncation, or refresh the samples more often",
-            KLPatchesWarning, stacklevel=2)
+            KLPatchesWarning, stacklevel=stacklevel)
     return masked(torch.exp(log_rho.clamp(max=cap)), mask)
 
 
@@ -215,20 +217,44 @@ def reverse_cumsum(x: Tensor) -> Tensor:
     return torch.flip(torch.cumsum(torch.flip(x, dims=(-1,)), dim=-1), dims=(-1,))
 
 
+def detached_log_ratios(
+    logp: Tensor, ref_logp: Tensor, mask: Tensor, behaviour_logp: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(l_t, log pi_t - log mu_t or None): detached, in the compute dtype, 0 at masked positions.
+
+    Checks shapes, and finiteness at response positions with a single device sync for all inputs: a difference is
+    non-finite wherever one of its operands is, so one ``isfinite`` on the combined differences covers them all
+    (the per-tensor check, which names the tensor and rows, runs only when that one fails)."""
+    check_inputs(logp, ref_logp, mask)
+    if behaviour_logp is not None and behaviour_logp.shape != logp.shape:
+        raise ValueError(f"behaviour_logp has shape {tuple(behaviour_logp.shape)}, expected {tuple(logp.shape)}")
+    dtype = compute_dtype(logp, ref_logp)
+    current = logp.detach().to(dtype)
+    log_ratio = current - ref_logp.detach().to(dtype)
+    log_pi_mu = None if behaviour_logp is None else current - behaviour_logp.detach().to(dtype)
+    probe = log_ratio if log_pi_mu is None else log_ratio + log_pi_mu
+    if bool((mask & ~torch.isfinite(probe)).any()):
+        check_finite(mask, logp=logp, ref_logp=ref_logp, behaviour_logp=behaviour_logp)
+    zero = torch.zeros((), dtype=dtype, device=log_ratio.device)
+    return (torch.where(mask, log_ratio, zero),
+            None if log_pi_mu is None else torch.where(mask, log_pi_mu, zero))
+
+
 def weighted_log_ratio(
     logp: Tensor, ref_logp: Tensor, mask: Tensor, behaviour_logp: Tensor | None, truncation: float | None
 ) -> tuple[Tensor, Tensor]:
     """(rho_{1:t}, rho_{1:t} * l_t): the prefix weights (1 on-policy) and the weighted per-token log-ratios."""
-    log_ratio = masked_log_ratio(logp.detach(), ref_logp.detach(), mask)
-    if behaviour_logp is None:
-        if truncation is not None:
-            raise ValueError("truncation only applies with behaviour_logp (off-policy importance weights)")
-        rho = mask.to(log_ratio.dtype)
-    else:
-        if behaviour_logp.shape != logp.shape:
-            raise ValueError(f"behaviour_logp has shape {tuple(behaviour_logp.shape)}, expected {tuple(logp.shape)}")
-        rho = prefix_importance_weights(logp, behaviour_logp, mask, truncation).to(log_ratio.dtype)
-    return rho, rho * log_ratio
+    if behaviour_logp is None and truncation is not None:
+        raise ValueError("truncation only applies with behaviour_logp (off-policy importance weights)")
+    log_ratio, log_pi_mu = detached_log_ratios(logp, ref_logp, mask, behaviour_logp)
+    rho = _prefix_weights(log_pi_mu, mask, truncation, log_ratio.dtype)
+    return rho, (log_ratio if log_pi_mu is None else rho * log_ratio)
+
+
+def _prefix_weights(log_pi_mu: Tensor | None, mask: Tensor, truncation: float | None, dtype: torch.dtype) -> Tensor:
+    if log_pi_mu is None:
+        return mask.to(dtype)
+    return _capped_weights(log_pi_mu.cumsum(dim=-1), mask, truncation, stacklevel=4).to(dtype)
 
 
 def rtg_baseline(weighted: Tensor, mask: Tensor, group_ids: Tensor | None, baseline: str) -> Tensor:
@@ -259,18 +285,19 @@ def rtg_coefficients(
     not depend on sample i keeps the estimator exact; a baseline taken from the rows that happen to share a
     micro-batch does not, when the library groups rows by length.
     """
-    check_inputs(logp, ref_logp, mask)
-    check_finite(mask, logp=logp, ref_logp=ref_logp, behaviour_logp=behaviour_logp)
     baseline = _canonical_baseline(baseline)
     truncation = check_truncation(truncation)
-    rho, weighted = weighted_log_ratio(logp, ref_logp, mask, behaviour_logp, truncation)
-    coefficients = reverse_cumsum(weighted)
     if isinstance(baseline, torch.Tensor):
         _check_baseline_tensor(baseline, tuple(logp.shape), allow_positions=True)
+    rho, weighted = weighted_log_ratio(logp, ref_logp, mask, behaviour_logp, truncation)
+    # on-policy with no baseline (the default) this is four ops on top of the log-ratio: it runs on every micro-batch
+    coefficients = reverse_cumsum(weighted)
+    if isinstance(baseline, torch.Tensor):
         fixed = baseline.detach().to(coefficients.dtype)
         coefficients = coefficients - rho * (fixed[:, None] if fixed.dim() == 1 else fixed)
     elif baseline != "none":
         coefficients = coefficients - rho * rtg_baseline(weighted, mask, group_ids, baseline)
+    # a masked position inside a response (a tool token) still sees the later tokens' sum: zero it
     return masked(coefficients, mask)
 
 
@@ -317,17 +344,17 @@ def kl_rtg_loss(
     batch's token count) is a ratio estimator, consistent but not exact. ``reduction="none"`` returns the
     per-response sums, shape (batch,), before beta/C. bf16/fp16 inputs give a float32 loss.
     """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    constant = resolve_normalizer(normalizer, mask) if reduction == "sum" else 1.0
     coefficients = rtg_coefficients(
         logp, ref_logp, mask, behaviour_logp=behaviour_logp, group_ids=group_ids,
         baseline=baseline, truncation=truncation,
     )
-    dtype = compute_dtype(logp, ref_logp)
+    dtype = coefficients.dtype
     per_response = (masked(logp.to(dtype), mask) * coefficients).sum(dim=-1)
     if reduction == "none":
         return per_response
-    if reduction != "sum":
-        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
-    constant = resolve_normalizer(normalizer, mask)
     if isinstance(constant, torch.Tensor):
         constant = constant.to(dtype)
     return beta * per_response.sum() / constant

@@ -20,12 +20,15 @@ from kl_patches.modes import LIBRARY, validate_mode
 #: The TRL lines this adapter was verified on (its tests and the exact step audit pass there, one nox session per
 #: line: ``trl-0.24`` and ``trl``); declared once here. What differs between them is in :mod:`.compat`.
 SUPPORTED_LINES = (">=0.24,<0.25", ">=1.15,<1.17")
+#: The union, in the notation every adapter uses (``" || "`` joins lines; kl_patches.patching.version_supported)
+SUPPORTED = " || ".join(SUPPORTED_LINES)
 #: The same union as one PEP 440 specifier (a requirement cannot say "or"): pip's ``[trl]`` extra carries exactly
-#: this string, and ``tests/integrations/trl/test_config.py`` checks it equals SUPPORTED_LINES on every release.
-SUPPORTED = (">=0.24,<1.17,!=0.25.*,!=0.26.*,!=0.27.*,!=0.28.*,!=0.29.*,"
-             + ",".join(f"!=1.{minor}.*" for minor in range(15)))
+#: this string, and ``tests/integrations/trl/test_config.py`` checks it admits the same releases on every release.
+EXTRA = (">=0.24,<1.17,!=0.25.*,!=0.26.*,!=0.27.*,!=0.28.*,!=0.29.*,"
+         + ",".join(f"!=1.{minor}.*" for minor in range(15)))
 
-__all__ = ["SUPPORTED", "SUPPORTED_LINES", "GRPOConfig", "GRPOTrainer", "enable", "disable", "enabled_mode", "autoload"]
+__all__ = ["SUPPORTED", "SUPPORTED_LINES", "EXTRA", "GRPOConfig", "GRPOTrainer", "enable", "disable", "enabled_mode",
+           "autoload"]
 
 
 def _integration():

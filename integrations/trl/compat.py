@@ -90,15 +90,14 @@ def closest_line(version: str) -> Line:
 def check_version(version: str | None) -> str:
     """``version`` when one of :data:`LINES` covers it; else PatchError naming it and the closest supported one."""
     if version is None:
-        raise PatchError(f"trl is not installed; kl-patches supports trl{SUPPORTED} "
+        raise PatchError(f"trl is not installed; kl-patches supports trl {SUPPORTED} "
                          f"(verified: {', '.join(line.name for line in LINES)})")
-    if line_of(version) is None or Version(version) not in SpecifierSet(SUPPORTED, prereleases=True):
+    if line_of(version) is None or not patching.version_supported(version, SUPPORTED):
         closest = closest_line(version)
         raise PatchError(
-            f"trl {version} is not supported by kl-patches (supported: "
-            f"{' or '.join('trl' + line.specifier for line in LINES)}); the closest supported version is "
-            f"trl {closest.name} (pip install 'trl=={closest.name}'). Refusing to patch rather than risk the "
-            f"library's biased KL path")
+            f"trl {version} is not supported by kl-patches (supported: trl {SUPPORTED}); the closest supported "
+            f"version is trl {closest.name} (pip install 'trl=={closest.name}'). Refusing to patch rather than risk "
+            f"the library's biased KL path")
     return version
 
 

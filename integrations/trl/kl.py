@@ -432,26 +432,26 @@ def log_metrics(trainer, logp: Tensor, ref: Tensor, mask: Tensor, mu: Tensor | N
     """TRL's own ``kl`` (the k3 mean it would have logged, for dashboards; no gradient) and kl-patches' metrics, every
     micro-batch: TRL averages them over each logging window."""
     metrics = trainer._metrics[train_or_eval(trainer)]
-    accelerator = trainer.accelerator
-    logp = logp.detach()
     with torch.no_grad():
-        k3 = estimators.k3(logp, ref, mask)
-        sums = accelerator.reduce(torch.stack([k3.sum().double(), mask.sum().double()]), reduction="sum")
-        metrics["kl"].append(float(sums[0] / sums[1].clamp(min=1.0)))
-        seq = terms.sequence_kl(logp, ref, mask).double()
-        rows = accelerator.reduce(torch.stack([seq.sum(), torch.tensor(float(seq.numel()), dtype=torch.float64,
-                                                                        device=seq.device)]), reduction="sum")
-        metrics[f"{METRIC_PREFIX}/sequence_kl"].append(float(rows[0] / rows[1].clamp(min=1.0)))
+        # one log-ratio, one collective and one device->host copy per micro-batch (TRL's own k3 line costs one each)
+        log_ratio = estimators.masked_log_ratio(logp.detach(), ref, mask)
+        # TRL's k3, exp(-l) - 1 + l: 0 at masked positions, where l = 0
+        k3 = torch.exp((-log_ratio).clamp(max=estimators.max_exponent(log_ratio.dtype))) - 1.0 + log_ratio
         if mu is None:
-            stats = {"ess": 1.0, "truncated_fraction": 0.0, "capped_fraction": 0.0}
+            weights = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, device=logp.device)
         else:
             stats = importance_weight_stats(logp, mu, mask, setting(trainer, "kl_truncation", None))
-        values = torch.tensor([stats["ess"], stats["truncated_fraction"], stats["capped_fraction"]],
-                              dtype=torch.float64, device=logp.device)
-        values = accelerator.reduce(values, reduction="mean")
-        for name, value in zip(("ess", "truncated_fraction", "capped_fraction"), values.tolist()):
-            metrics[f"{METRIC_PREFIX}/{name}"].append(value)
-        metrics[f"{METRIC_PREFIX}/mu_source"].append(MU_SOURCES[source])
+            weights = torch.tensor([stats["ess"], stats["truncated_fraction"], stats["capped_fraction"]],
+                                   dtype=torch.float64, device=logp.device)
+        sums = torch.stack([k3.sum().double(), mask.sum().double(), log_ratio.sum().double(),
+                            torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=logp.device)])
+        reduced = trainer.accelerator.reduce(torch.cat([sums, weights / trainer.accelerator.num_processes]),
+                                             reduction="sum").tolist()
+    metrics["kl"].append(reduced[0] / max(reduced[1], 1.0))
+    metrics[f"{METRIC_PREFIX}/sequence_kl"].append(reduced[2] / max(reduced[3], 1.0))
+    for name, value in zip(("ess", "truncated_fraction", "capped_fraction"), reduced[4:]):
+        metrics[f"{METRIC_PREFIX}/{name}"].append(value)
+    metrics[f"{METRIC_PREFIX}/mu_source"].append(MU_SOURCES[source])
 
 
 def loss(trainer, original: Callable, model, inputs: dict, mode: str) -> Tensor:

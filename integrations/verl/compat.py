@@ -16,7 +16,8 @@ verl up to 0.7 computes the in-loss KL inline in ``workers/actor/dp_actor.py::Da
 (its default worker): patching it would mean replacing that whole method, so those versions are refused by name.
 
 The supported set is a union of release lines, which one PEP 440 specifier set cannot express (no "or"):
-:data:`SUPPORTED_RANGES` holds one specifier set per line, :func:`is_supported` / :func:`check_version` test the
+:data:`SUPPORTED_RANGES` holds one specifier set per line, joined with " || " into :data:`SUPPORTED` (the core's
+notation, :func:`kl_patches.patching.version_supported`); :func:`is_supported` / :func:`check_version` test the
 union, and pyproject's ``verl`` extra pins their hull (``>=0.8.0,<0.9.2``: no verl release lies between 0.8.0
 and 0.9.0); any other version in the hull is refused at run time, by name.
 """
@@ -36,8 +37,9 @@ LIBRARY = "verl"
 #: one PEP 440 specifier set per supported release line; each is proven by a nox session
 #: (``verl-0.8`` installs 0.8.0, ``verl`` installs 0.9.1; 0.9.0 has the same code in every patched function)
 SUPPORTED_RANGES: tuple[str, ...] = (">=0.8.0,<0.8.1", ">=0.9.0,<0.9.2")
-#: the union, as messages and ``kl-patches status`` print it
-SUPPORTED = " or ".join(SUPPORTED_RANGES)
+#: the union, in the notation every adapter uses (kl_patches.patching.version_supported), as messages and
+#: ``kl-patches status`` print it
+SUPPORTED = " || ".join(SUPPORTED_RANGES)
 #: the releases CI installs: what a refusal offers as the closest supported version
 RELEASES: tuple[str, ...] = ("0.8.0", "0.9.1")
 #: the pip requirement of the ``verl`` extra (the hull of SUPPORTED_RANGES)
@@ -66,8 +68,7 @@ OLD_VERSIONS = ("<0.8", "verl up to 0.7 computes the in-loss KL inline in worker
 
 
 def is_supported(version: str) -> bool:
-    v = Version(version)
-    return any(v in SpecifierSet(spec, prereleases=True) for spec in SUPPORTED_RANGES)
+    return patching.version_supported(version, SUPPORTED)
 
 
 def closest_supported(version: str) -> str:

@@ -103,14 +103,17 @@ def test_supported_range_is_declared_once():
     from packaging.specifiers import SpecifierSet
     import trl
 
-    assert trl.__version__ in SpecifierSet(adapter.SUPPORTED)
+    from kl_patches.patching import version_supported
+
+    assert version_supported(trl.__version__, adapter.SUPPORTED)
+    assert adapter.SUPPORTED == " || ".join(adapter.SUPPORTED_LINES)  # the notation every adapter uses
     import importlib.metadata
 
     from packaging.requirements import Requirement
 
     requirements = [Requirement(r) for r in importlib.metadata.requires("kl-patches")]
     extra = [r for r in requirements if r.name == "trl" and r.marker and r.marker.evaluate({"extra": "trl"})]
-    assert len(extra) == 1 and extra[0].specifier == SpecifierSet(adapter.SUPPORTED)  # pip's [trl] extra agrees
+    assert len(extra) == 1 and extra[0].specifier == SpecifierSet(adapter.EXTRA)  # pip's [trl] extra agrees
 
 
 #: Every TRL release on PyPI from 0.18 (the oldest Unsloth or LLaMA-Factory allow) to the newest.
@@ -128,10 +131,12 @@ def test_the_single_specifier_is_exactly_the_union_of_the_verified_lines():
     from kl_patches.integrations.trl import compat
     from kl_patches.patching import PatchError
 
-    union = SpecifierSet(adapter.SUPPORTED)
+    from kl_patches.patching import version_supported
+
+    union = SpecifierSet(adapter.EXTRA)
     for release in RELEASES:
         in_a_line = any(release in SpecifierSet(line) for line in adapter.SUPPORTED_LINES)
-        assert (release in union) == in_a_line, release
+        assert (release in union) == in_a_line == version_supported(release, adapter.SUPPORTED), release
         if in_a_line:
             assert compat.check_version(release) == release
         else:

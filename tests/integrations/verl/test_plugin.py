@@ -241,7 +241,7 @@ def test_the_verl_extra_installs_only_supported_versions():
     requirements = [Requirement(text) for text in importlib.metadata.requires("kl-patches") or []]
     verl = [r for r in requirements if r.name == "verl" and r.marker and r.marker.evaluate({"extra": "verl"})]
     # PEP 440 cannot say "0.8.0 or 0.9.x": the extra pins the hull of the supported lines, the adapter the union
-    assert SUPPORTED == " or ".join(compat.SUPPORTED_RANGES) == ">=0.8.0,<0.8.1 or >=0.9.0,<0.9.2"
+    assert SUPPORTED == " || ".join(compat.SUPPORTED_RANGES) == ">=0.8.0,<0.8.1 || >=0.9.0,<0.9.2"
     assert len(verl) == 1 and verl[0].specifier == SpecifierSet(compat.EXTRA)
     assert SpecifierSet(compat.EXTRA) == SpecifierSet(">=0.8.0,<0.9.2")
     # every verl release in the hull is supported (PyPI: 0.8.0, 0.9.0, 0.9.1; nothing between 0.8.0 and 0.9.0)
