@@ -327,8 +327,11 @@ def section_overhead(out: Path) -> list[str]:
                 lines.append(line)
             header = ["T", f"{baseline} time"] + [f"{v}: time ratio [p20, p80]" for v in variants[1:]] + \
                      [f"{v}: memory ratio (delta) saved / peak" for v in variants[1:]]
+            counts = sorted({int(json.loads(r["config"]).get("repetitions", 0)) for r in rows
+                             if r["library"] == library and r["what"] == what})
+            counted = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
             text.append(f"**{library}: {overhead_title(what)}** (batch "
-                        f"{config.get('batch')}, {config.get('repetitions')} interleaved repetitions, "
+                        f"{config.get('batch')}, {counted} interleaved repetitions per length, "
                         f"{config.get('threads')} threads):\n")
             text.append(table(header, lines))
             text.append("")
@@ -863,7 +866,12 @@ def render(out: Path) -> str:
         "TRL's step (its default baseline needs no other row); k1-in-reward runs one extra no-grad policy forward "
         "per generation batch on-policy (TRL computes no old log-probs then, and the whole-batch sequence KL of "
         "every group member is needed before the batch is split), which its scoring ratio shows; generation, "
-        "which dominates a real step, is excluded here.",
+        "which dominates a real step, is excluded here. TRL's points are timed in blocks, each on freshly built "
+        "trainers (two identical trainers differ by up to a few % through their memory layout, the size of the "
+        "effect sought), with the 90 % CI of the median resampling whole blocks; a point repeats until the A/A "
+        "control's CI lies within ±3 % and every mode's CI lies wholly within or wholly above 1.03, or its time "
+        "budget runs out (then \"within noise\"); a mode decided \"not met\" leaves the rotation. The verl / "
+        "OpenRLHF LM-head points repeat under the same rule (instances kept).",
         "",
         *section_overhead(out),
         "",

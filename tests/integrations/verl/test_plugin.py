@@ -170,7 +170,7 @@ def unsupported_version(monkeypatch, patched):
 
 
 def test_unsupported_verl_version_is_refused_naming_it(unsupported_version, patched):
-    with pytest.raises(PatchError, match=r"verl 0\.10\.0 is not supported .*verl >=0\.8\.0,<0\.8\.1 or "
+    with pytest.raises(PatchError, match=r"verl 0\.10\.0 is not supported .*verl >=0\.8\.0,<0\.8\.1 \|\| "
                                          r">=0\.9\.0,<0\.9\.2\); the closest supported version is verl 0\.9\.1"):
         patched.enable("library")
     assert patched.enabled_mode() is None
